@@ -1,0 +1,398 @@
+"""Tests for zomem.probes: memory probes against known allocations and a fake NVML, and the timers."""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from zomem.probes import (
+    CpuHwm,
+    Nvml,
+    NvmlUnavailable,
+    PhaseTimer,
+    StepTimer,
+    TorchAllocated,
+    TorchReserved,
+    probes_for,
+    summarize,
+)
+
+MiB = 1 << 20
+GiB = 1 << 30
+SAMPLER = "zomem-probe-sampler"
+
+
+def _clear_refs_writable() -> bool:
+    try:
+        fd = os.open("/proc/self/clear_refs", os.O_WRONLY)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+needs_clear_refs = pytest.mark.skipif(not _clear_refs_writable(), reason="/proc/self/clear_refs is not writable here")
+
+
+@pytest.fixture(params=["clear_refs", "psutil"])
+def cpu_probe(request: pytest.FixtureRequest, tmp_path: Path) -> CpuHwm:
+    if request.param == "clear_refs":
+        if not _clear_refs_writable():
+            pytest.skip("/proc/self/clear_refs is not writable here")
+        return CpuHwm()
+    return CpuHwm(proc_dir=str(tmp_path))  # a folder without clear_refs forces the psutil fallback
+
+
+def _allocate_and_free(nbytes: int, hold_s: float) -> None:
+    block = torch.ones(nbytes // 4, dtype=torch.float32)  # ones writes every page, so all of it is resident
+    time.sleep(hold_s)
+    del block
+
+
+def _sampler_threads() -> list[threading.Thread]:
+    return [thread for thread in threading.enumerate() if thread.name == SAMPLER]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _warm_torch() -> None:
+    # Torch's first op starts its thread pool; that one-off growth must not land in a measured region.
+    torch.ones(MiB).sum()
+
+
+def test_cpu_hwm_measures_a_known_allocation(cpu_probe: CpuHwm) -> None:
+    before = cpu_probe.reading()
+    with cpu_probe:
+        _allocate_and_free(256 * MiB, hold_s=0.1)
+    assert cpu_probe.method in {"clear_refs", "psutil"}
+    assert cpu_probe.peak_bytes is not None
+    assert cpu_probe.peak_bytes - before == pytest.approx(256 * MiB, rel=0.05)
+
+
+def test_cpu_hwm_method_follows_proc_dir(tmp_path: Path) -> None:
+    probe = CpuHwm(proc_dir=str(tmp_path))
+    with probe:
+        pass
+    assert probe.method == "psutil"
+    assert not (tmp_path / "clear_refs").exists()
+
+
+@needs_clear_refs
+def test_cpu_hwm_uses_clear_refs_on_linux() -> None:
+    probe = CpuHwm()
+    with probe:
+        pass
+    assert probe.method == "clear_refs"
+
+
+def test_cpu_hwm_forgets_peaks_before_the_region(cpu_probe: CpuHwm) -> None:
+    _allocate_and_free(512 * MiB, hold_s=0.0)
+    before = cpu_probe.reading()
+    with cpu_probe:
+        _allocate_and_free(16 * MiB, hold_s=0.0)
+    assert cpu_probe.peak_bytes is not None
+    assert cpu_probe.peak_bytes - before < 128 * MiB
+
+
+def test_cpu_hwm_does_not_swallow_errors(cpu_probe: CpuHwm) -> None:
+    with pytest.raises(KeyError), cpu_probe:
+        raise KeyError("from the body")
+    assert cpu_probe.peak_bytes is not None
+    assert not _sampler_threads()
+
+
+class FakeNvml:
+    """Stands in for pynvml: device used memory and the process list are whatever the test sets."""
+
+    def __init__(self, *, used: int = GiB, processes: dict[int, int | None] | None = None) -> None:
+        self.used = used
+        self.processes = processes if processes is not None else {}
+        self.init_error: Exception | None = None
+        self.memory_error: Exception | None = None
+        self.queries = 0
+        self.shutdowns = 0
+
+    def nvmlInit(self) -> None:
+        if self.init_error is not None:
+            raise self.init_error
+
+    def nvmlShutdown(self) -> None:
+        self.shutdowns += 1
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> tuple[str, int]:
+        return ("gpu", index)
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: tuple[str, int]) -> list[SimpleNamespace]:
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in self.processes.items()]
+
+    def nvmlDeviceGetMemoryInfo(self, handle: tuple[str, int]) -> SimpleNamespace:
+        self.queries += 1
+        if self.memory_error is not None:
+            raise self.memory_error
+        return SimpleNamespace(used=self.used, total=80 * GiB, free=80 * GiB - self.used)
+
+
+def _nvml(fake: FakeNvml, **kwargs: object) -> Nvml:
+    return Nvml(0, nvml=fake, interval_s=0.001, **kwargs)  # type: ignore[arg-type]
+
+
+def test_nvml_uses_the_per_process_figure_when_our_pid_is_listed() -> None:
+    fake = FakeNvml(used=5 * GiB, processes={os.getpid(): 300 * MiB, 4242: 3 * GiB})
+    probe = _nvml(fake, baseline_bytes=GiB)
+    with probe:
+        fake.processes[os.getpid()] = 700 * MiB
+        time.sleep(0.02)
+        fake.processes[os.getpid()] = 400 * MiB
+    assert probe.source == "process"
+    assert probe.peak_bytes == 700 * MiB
+
+
+@pytest.mark.parametrize(
+    "processes", [{4242: 3 * GiB}, {os.getpid(): None}], ids=["pid-absent", "used-memory-withheld"]
+)
+def test_nvml_falls_back_to_device_minus_baseline(processes: dict[int, int | None]) -> None:
+    fake = FakeNvml(used=2 * GiB, processes=processes)
+    probe = _nvml(fake, baseline_bytes=GiB)
+    assert probe.reading() == 2 * GiB
+    with probe:
+        fake.used = 3 * GiB
+    assert probe.source == "device-minus-baseline"
+    assert probe.peak_bytes == 2 * GiB
+
+
+def test_nvml_without_baseline_reports_device_used_and_says_so() -> None:
+    fake = FakeNvml(used=2 * GiB)
+    probe = _nvml(fake)
+    with probe:
+        pass
+    assert probe.source == "device"
+    assert probe.peak_bytes == 2 * GiB
+
+
+def test_nvml_never_mixes_sources_within_a_region() -> None:
+    fake = FakeNvml(used=2 * GiB, processes={os.getpid(): 5 * GiB})
+    probe = _nvml(fake, baseline_bytes=GiB)
+    with probe:
+        fake.used = 4 * GiB
+        del fake.processes[os.getpid()]  # the closing sample lacks the per-process figure
+    assert probe.source == "device-minus-baseline"
+    assert probe.peak_bytes == 3 * GiB
+
+
+def test_nvml_catches_a_spike_between_boundaries() -> None:
+    fake = FakeNvml(used=2 * GiB, processes={os.getpid(): 100 * MiB})
+    probe = _nvml(fake, baseline_bytes=GiB)
+    with probe:
+        fake.used, fake.processes[os.getpid()] = 6 * GiB, 900 * MiB
+        time.sleep(0.05)
+        fake.used, fake.processes[os.getpid()] = 2 * GiB, 100 * MiB
+    assert probe.samples > 2  # more than the two boundary samples
+    assert probe.source == "process"
+    assert probe.peak_bytes == 900 * MiB
+
+
+def test_nvml_sampler_stops_on_exit() -> None:
+    fake = FakeNvml()
+    probe = _nvml(fake)
+    with probe:
+        assert len(_sampler_threads()) == 1
+        time.sleep(0.01)
+    assert not _sampler_threads()
+    queries = fake.queries
+    time.sleep(0.05)
+    assert fake.queries == queries
+
+
+def test_nvml_sampler_stops_when_the_body_raises() -> None:
+    fake = FakeNvml()
+    probe = _nvml(fake)
+    with pytest.raises(ZeroDivisionError), probe:
+        1 / 0
+    assert not _sampler_threads()
+    assert probe.peak_bytes == GiB
+
+
+def test_nvml_exit_does_not_wait_out_the_interval() -> None:
+    probe = Nvml(0, nvml=FakeNvml(), interval_s=30.0)  # type: ignore[arg-type]
+    with probe:
+        pass
+    start_s = time.perf_counter()
+    with probe:
+        time.sleep(0.01)
+    assert time.perf_counter() - start_s < 5.0
+
+
+def test_nvml_sample_errors_surface_on_exit() -> None:
+    fake = FakeNvml()
+    probe = _nvml(fake)
+    with pytest.raises(OSError, match="lost the GPU"), probe:
+        fake.memory_error = OSError("lost the GPU")
+        time.sleep(0.02)
+    assert not _sampler_threads()
+
+
+def test_nvml_sample_errors_do_not_mask_the_body_error() -> None:
+    fake = FakeNvml()
+    probe = _nvml(fake)
+    with pytest.raises(MemoryError), probe:
+        fake.memory_error = OSError("lost the GPU")
+        raise MemoryError("out of memory")
+
+
+def test_nvml_unavailable_when_init_fails() -> None:
+    fake = FakeNvml()
+    fake.init_error = RuntimeError("Driver Not Loaded")
+    with pytest.raises(NvmlUnavailable, match="driver"):
+        _nvml(fake)
+
+
+def test_nvml_unavailable_when_pynvml_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
+    with pytest.raises(NvmlUnavailable, match="nvidia-ml-py"):
+        Nvml(0)
+
+
+def test_nvml_shuts_down_when_collected() -> None:
+    fake = FakeNvml()
+    probe = _nvml(fake)
+    del probe
+    gc.collect()  # the probe and its sampler refer to each other
+    assert fake.shutdowns == 1
+
+
+@pytest.mark.parametrize("probe_type", [TorchAllocated, TorchReserved])
+def test_torch_probes_refuse_non_cuda_devices(probe_type: type[TorchAllocated | TorchReserved]) -> None:
+    with pytest.raises(ValueError, match="not a CUDA device"):
+        probe_type("cpu")
+
+
+def test_torch_probes_reset_then_read_the_peak(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: calls.append("synchronize"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device: 3 * GiB)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda device: 4 * GiB)
+    allocated, reserved = TorchAllocated("cuda:0"), TorchReserved("cuda:0")
+    with allocated, reserved:
+        assert calls == ["synchronize", "reset"] * 2
+    assert calls[-2:] == ["synchronize", "synchronize"]
+    assert (allocated.peak_bytes, reserved.peak_bytes) == (3 * GiB, 4 * GiB)
+
+
+def test_probes_for_cpu() -> None:
+    assert [probe.name for probe in probes_for("cpu")] == ["cpu_hwm"]
+
+
+def test_probes_for_cuda_maps_to_the_nvml_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,2")
+    probes = probes_for("cuda:1", nvml=FakeNvml())  # type: ignore[arg-type]
+    assert [probe.name for probe in probes] == ["torch_allocated", "torch_reserved", "nvml"]
+    assert isinstance(probes[2], Nvml)
+    assert probes[2].device_index == 2
+
+
+def test_probes_for_unknown_device() -> None:
+    with pytest.raises(ValueError, match="meta"):
+        probes_for("meta")
+
+
+def test_summarize_known_samples() -> None:
+    assert summarize([5.0, 1.0, 3.0, 2.0, 4.0]) == {"median": 3.0, "iqr": 2.0, "n": 5}
+    assert summarize([1.0, 2.0, 3.0, 4.0]) == {"median": 2.5, "iqr": 1.5, "n": 4}
+    assert summarize([7.0]) == {"median": 7.0, "iqr": 0.0, "n": 1}
+
+
+def test_summarize_refuses_no_samples() -> None:
+    with pytest.raises(ValueError, match="at least one"):
+        summarize([])
+
+
+def test_step_timer_counts_steps() -> None:
+    timer = StepTimer("cpu")
+    for _ in range(3):
+        with timer.step():
+            time.sleep(0.01)
+    with pytest.raises(RuntimeError), timer.step():
+        raise RuntimeError("a failed step is not a step")
+    assert len(timer.seconds) == 3
+    assert all(seconds >= 0.009 for seconds in timer.seconds)
+
+
+def test_phase_timer_does_not_double_count_nested_phases() -> None:
+    timer = PhaseTimer("cpu")
+    for _ in range(3):
+        with timer.phase("forward"):
+            time.sleep(0.02)
+            with timer.phase("perturb"):
+                time.sleep(0.02)
+        with timer.phase("update"):
+            time.sleep(0.01)
+        with timer.phase("update"):
+            time.sleep(0.01)
+        timer.end_step()
+    medians = timer.medians()
+    assert set(medians) == {"forward", "update"}
+    assert medians["forward"] >= 0.039  # the inner phase's time stays with the outer one
+    assert medians["update"] >= 0.019  # both update phases of a step add up
+
+
+def test_phase_timer_recovers_after_an_error() -> None:
+    timer = PhaseTimer("cpu")
+    with pytest.raises(RuntimeError), timer.phase("forward"):
+        raise RuntimeError("boom")
+    with timer.phase("update"):
+        pass
+    timer.end_step()
+    assert set(timer.medians()) == {"update"}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("probe_type", [TorchAllocated, TorchReserved])
+def test_torch_probes_measure_a_known_allocation(probe_type: type[TorchAllocated | TorchReserved]) -> None:
+    torch.cuda.empty_cache()
+    probe = probe_type("cuda")
+    before = probe.reading()
+    with probe:
+        block = torch.ones(256 * MiB // 4, device="cuda")
+        del block
+    assert probe.peak_bytes is not None
+    assert probe.peak_bytes - before == pytest.approx(256 * MiB, rel=0.05)
+
+
+@pytest.mark.gpu
+def test_nvml_measures_a_known_allocation() -> None:
+    torch.ones(1, device="cuda")  # the CUDA context belongs to the baseline, not the region
+    torch.cuda.empty_cache()
+    probe = next(probe for probe in probes_for("cuda") if isinstance(probe, Nvml))
+    with probe:
+        pass
+    idle = probe.peak_bytes
+    with probe:
+        block = torch.ones(256 * MiB // 4, device="cuda")
+        torch.cuda.synchronize()
+        time.sleep(0.05)
+        del block
+    torch.cuda.empty_cache()
+    assert idle is not None and probe.peak_bytes is not None
+    assert probe.peak_bytes - idle == pytest.approx(256 * MiB, rel=0.1)
+
+
+@pytest.mark.gpu
+def test_timers_on_cuda() -> None:
+    steps, phases = StepTimer("cuda"), PhaseTimer("cuda")
+    x = torch.randn(1024, 1024, device="cuda")
+    for _ in range(3):
+        with steps.step(), phases.phase("forward"):
+            x = x @ x
+            x = x / x.norm()
+        phases.end_step()
+    assert len(steps.seconds) == 3
+    assert all(seconds > 0 for seconds in steps.seconds)
+    assert set(phases.medians()) == {"forward"}

@@ -1,0 +1,39 @@
+"""The ``zomem`` command: one small module per sub-command (parser builder, compute, print)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from zomem.cli import list_, report, run
+from zomem.errors import UsageError
+from zomem.records import RecordsError
+
+COMMANDS = (run, report, list_)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The top-level parser with every sub-command."""
+    parser = argparse.ArgumentParser(prog="zomem", description="Measure what fine-tuning optimizers cost.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: bad input is a one-line message and exit status 2, never a traceback."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (UsageError, RecordsError) as exc:
+        print(f"zomem {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"zomem {args.command}: interrupted; records written so far are kept", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

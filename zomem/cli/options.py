@@ -1,0 +1,32 @@
+"""Option parsers shared by the commands that run cells."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from zomem.models import DTYPES, TUNINGS
+
+
+def parse_hparam(text: str) -> tuple[str, Any]:
+    """``KEY=VALUE``, the value read as JSON when it parses (numbers, lists, null) and as a string otherwise."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_cell_options(parser: argparse.ArgumentParser, *, steps: int = 3) -> None:
+    """Options that shape how each cell runs: device, dtype, tuning, steps, hyper-parameters."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--tuning", default="full", choices=list(TUNINGS))
+    parser.add_argument("--steps", type=int, default=steps, help=f"measured steps (default: {steps})")
+    parser.add_argument("--warmup", type=int, default=1, help="warm-up steps before peaks are reset (default: 1)")
+    parser.add_argument("--hparam", type=parse_hparam, action="append", default=[], metavar="KEY=VALUE",
+                        help="an optimizer hyper-parameter, e.g. --hparam lr=1e-6 (repeatable)")
+    parser.add_argument("--timeout", type=float, default=None, help="seconds before a cell is stopped")

@@ -1,0 +1,12 @@
+"""Errors that zomem reports to the user as a message, never as a traceback."""
+
+
+class UsageError(ValueError):
+    """Bad input (a name, a shape, a dtype): reported before anything is allocated, exit status 2."""
+
+
+class UnknownNameError(UsageError, KeyError):
+    """A name that no registry knows; the message lists the valid names and the closest matches."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])

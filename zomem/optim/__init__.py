@@ -1,0 +1,48 @@
+"""The optimizers zomem measures, and the registry that names them.
+
+Built-ins are registered here; third-party optimizers register through the entry point group
+``zomem.optimizers`` or are named directly as ``module:Class``. Any ``torch.optim.Optimizer`` whose
+``step(closure)`` calls the closure works; a class attribute ``forward_only = True`` tells the harness
+to run the closure under no_grad without backward (zeroth-order methods), otherwise it calls backward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch.optim import Optimizer
+
+from zomem.errors import UsageError
+from zomem.optim.base import ZerothOrder, decay_groups, mix, state_bytes, state_dtype
+from zomem.optim.first_order import SGD, Adam, Inference
+from zomem.optim.mezo import MeZO
+from zomem.registry import Registry, load_object
+
+__all__ = ["OPTIMIZERS", "SGD", "Adam", "Inference", "MeZO", "ZerothOrder", "create", "decay_groups",
+           "forward_only", "get", "mix", "state_bytes", "state_dtype"]
+
+OPTIMIZERS: Registry[type[Optimizer]] = Registry("optimizer", entry_point_group="zomem.optimizers")
+for _name, _cls in {"inference": Inference, "mezo": MeZO, "sgd": SGD, "adam": Adam}.items():
+    OPTIMIZERS.register(_name, _cls)
+
+
+def get(name: str) -> type[Optimizer]:
+    """The optimizer class for a registered name or a ``module:Class`` spec."""
+    cls = load_object(name) if ":" in name else OPTIMIZERS.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, Optimizer)):
+        raise UsageError(f"{name!r} is not a torch.optim.Optimizer subclass")
+    return cls
+
+
+def forward_only(cls: type[Optimizer]) -> bool:
+    """Whether the optimizer needs only forward passes (its closure runs under no_grad)."""
+    return bool(getattr(cls, "forward_only", False))
+
+
+def create(name: str, params: Any, **hparams: Any) -> Optimizer:
+    """Build the optimizer registered as ``name`` over ``params``; bad hyper-parameters are a UsageError."""
+    cls = get(name)
+    try:
+        return cls(params, **hparams)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"cannot build optimizer {name!r} with {hparams}: {exc}") from exc

@@ -1,0 +1,181 @@
+"""The machinery every zeroth-order optimizer shares: step seeds, regenerated perturbations, phases.
+
+A perturbation z ~ N(0, I) is never stored. Parameter ``j`` at step seed ``s`` is walked in blocks of
+``block_size`` elements, and block ``k`` of its z is drawn from a generator seeded with
+``mix(s, j, k)``: any block of any tensor can be regenerated alone, on its own device, in any order.
+With ``block_size=None`` a block is the whole tensor (the generator is seeded from ``(s, j)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch.optim import Optimizer
+
+#: CPU default: a block that stays in cache between drawing z and adding it (measured 4.1 vs 6.6 ns
+#: per element for whole tensors on a 2-core EPYC); on CUDA one kernel per tensor is cheaper.
+CPU_BLOCK = 1 << 20
+_MASK64 = (1 << 64) - 1
+
+PhaseHook = Callable[[str], contextlib.AbstractContextManager[Any]]
+
+
+def mix(*values: int) -> int:
+    """A 63-bit seed from integers (splitmix64 over each): nearby inputs give unrelated seeds."""
+    state = 0x9E3779B97F4A7C15
+    for value in values:
+        state = (state ^ (value & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
+        state = (state ^ (state >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
+        state = (state ^ (state >> 27)) * 0x94D049BB133111EB & _MASK64
+        state ^= state >> 31
+    return state >> 1
+
+
+def resolve_block_size(block_size: int | str | None, device: torch.device) -> int | None:
+    """``"auto"``: :data:`CPU_BLOCK` elements on CPU, a whole tensor elsewhere."""
+    if block_size == "auto":
+        return CPU_BLOCK if device.type == "cpu" else None
+    return block_size  # type: ignore[return-value]
+
+
+@dataclass
+class Block:
+    """One block of one parameter: its flat slice and, while the walk is on it, its z."""
+
+    group: dict[str, Any]
+    param: torch.Tensor
+    index: int  # tensor index j
+    span: slice  # which elements of the flattened parameter
+    x: torch.Tensor  # the parameter's elements (a view: updating it updates the parameter)
+    z: torch.Tensor  # a reused buffer: valid until the walk moves on
+
+
+def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
+    """Refuse a hyper-parameter outside its range, naming the value."""
+    if not (value >= 0 if allow_zero else value > 0):
+        raise ValueError(f"invalid {name}: {value} (must be {'>= 0' if allow_zero else '> 0'})")
+
+
+def decay_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
+    """Trainable parameters in two groups: weight decay skips biases and LayerNorms (the 1-D tensors)."""
+    decay, no_decay = [], []
+    for _, param in named_params:
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class ZerothOrder(Optimizer):
+    """Base class: a closure that returns a loss from a forward pass (under no_grad); seeded perturbations.
+
+    Subclasses implement ``step(closure)`` with :meth:`next_step_seed`, :meth:`blocks` and :meth:`perturb`.
+    Their persistent state is what ``self.state`` holds: tensors per parameter, plus ``self.state["global"]``
+    (step count and seed), which ``state_dict`` carries so a run resumes with the same seeds.
+    """
+
+    #: the harness runs the closure under no_grad and never calls backward
+    forward_only: ClassVar[bool] = True
+
+    def __init__(self, params: Any, defaults: dict[str, Any], *, seed: int = 0,
+                 block_size: int | str | None = "auto") -> None:
+        if not (block_size is None or block_size == "auto" or (isinstance(block_size, int) and block_size > 0)):
+            raise ValueError(f"invalid block_size: {block_size!r} (a positive element count, 'auto' or None)")
+        super().__init__(params, {**defaults, "block_size": block_size})
+        self.state["global"] = {"step": 0, "seed": int(seed)}
+        #: wraps each phase of a step ("perturb", "update", …); the harness sets it to time them
+        self.phase: PhaseHook = lambda name: contextlib.nullcontext()
+        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    @property
+    def step_count(self) -> int:
+        """Steps taken so far."""
+        return self.state["global"]["step"]
+
+    def step_seed(self, step: int) -> int:
+        """The seed of step ``step``: derived from the optimizer seed, so it needs no storage."""
+        return mix(self.state["global"]["seed"], step)
+
+    def next_step_seed(self) -> int:
+        """Start a step: count it and return its seed."""
+        seed = self.step_seed(self.step_count)
+        self.state["global"]["step"] += 1
+        return seed
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device)
+        return self._generators[device]
+
+    def _buffer(self, like: torch.Tensor, size: int) -> torch.Tensor:
+        key = (like.device, like.dtype)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < size:
+            self._buffers.pop(key, None)  # free the smaller one before allocating
+            buffer = self._buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
+        return buffer[:size]
+
+    def release_buffers(self) -> None:
+        """Drop the z buffers: they are transient, not state kept between steps."""
+        self._buffers.clear()
+
+    def params(self) -> Iterator[tuple[int, dict[str, Any], torch.Tensor]]:
+        """Every parameter with its tensor index j (its position across the groups) and its group."""
+        j = 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                yield j, group, param
+                j += 1
+
+    def blocks(self, step_seed: int, *, regenerate: bool = True) -> Iterator[Block]:
+        """Walk every parameter block by block, drawing that block's z of step ``step_seed`` into a buffer."""
+        for j, group, param in self.params():
+            flat = param.detach().view(-1)
+            n = flat.numel()
+            size = resolve_block_size(group["block_size"], param.device) or n
+            buffer = self._buffer(param, min(size, n))
+            for k, start in enumerate(range(0, n, size)):
+                span = slice(start, min(start + size, n))
+                z = buffer[: span.stop - start]
+                if regenerate:
+                    self.draw(z, step_seed, j, k)
+                yield Block(group, param, j, span, flat[span], z)
+
+    def draw(self, out: torch.Tensor, step_seed: int, index: int, block: int) -> torch.Tensor:
+        """Fill ``out`` with block ``block`` of tensor ``index``'s z at ``step_seed``."""
+        generator = self._generator(out.device)
+        generator.manual_seed(mix(step_seed, index, block))
+        return out.normal_(generator=generator)
+
+    @torch.no_grad()
+    def perturb(self, step_seed: int, alpha: float) -> None:
+        """θ += alpha · z in place, block by block."""
+        with self.phase("perturb"):
+            for b in self.blocks(step_seed):
+                b.x.add_(b.z, alpha=alpha)
+
+    def state_bytes(self) -> int:
+        """Bytes of the persistent state tensors (what the record calls optimizer_state)."""
+        return state_bytes(self)
+
+
+def state_bytes(optimizer: Optimizer) -> int:
+    """Bytes of every tensor in an optimizer's state (scalars such as step counters count too)."""
+    total = 0
+    for value in optimizer.state.values():
+        for item in value.values() if isinstance(value, dict) else ():
+            if isinstance(item, torch.Tensor):
+                total += item.nbytes
+    return total
+
+
+def state_dtype(optimizer: Optimizer) -> torch.dtype | None:
+    """The dtype of the largest state tensor, or None when the optimizer keeps no tensor state."""
+    tensors = [t for v in optimizer.state.values() if isinstance(v, dict)
+               for t in v.values() if isinstance(t, torch.Tensor)]
+    return max(tensors, key=lambda t: t.numel()).dtype if tensors else None
