@@ -13,6 +13,7 @@ import subprocess
 import sys
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -130,10 +131,75 @@ def with_other(phases: dict[str, float], steps: list[float]) -> dict[str, float]
     return {**phases, "other": max(other, 0.0)}
 
 
-def measure(cell: Cell) -> Record:
-    """Run ``cell`` in this process: baseline → build → batch → warm-up → reset peaks → measured steps."""
+@dataclass
+class Prepared:
+    """A cell built in this process and ready to step: model, batch, optimizer, closure and probes."""
+
+    cell: Cell
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    closure: Callable[[], torch.Tensor]
+    #: closure calls since the counter was last reset: forward passes
+    calls: list[int]
+    phases: Phases
+    probes: list[probes.Probe]
+    #: probe readings before the model was built
+    baseline: dict[str, int]
+    env: dict[str, Any]
+
+    def step(self) -> torch.Tensor:
+        """One optimizer step."""
+        return self.optimizer.step(self.closure)
+
+    def start_measuring(self) -> None:
+        """After warm-up: count forwards and time phases from here on."""
+        self.calls[0] = 0
+        self.phases.timer = probes.PhaseTimer(self.device) if self.cell.phases else None
+
+    def breakdown(self, peaks: dict[str, int]) -> tuple[str, dict[str, int]]:
+        """The probe the breakdown is derived from, and weights / state / gradients / transient bytes."""
+        probe = "torch_allocated" if self.device.type == "cuda" else "cpu_hwm"
+        # On CPU the peak is the whole process's: the interpreter and libraries read before the build are not transient.
+        floor = self.baseline[probe] if self.device.type == "cpu" else 0
+        weights = models.param_bytes(self.model)
+        state = optim.state_bytes(self.optimizer)
+        gradients = sum(p.grad.nbytes for p in self.model.parameters() if p.grad is not None)
+        return probe, {
+            "weights": weights,
+            "trainable": models.param_bytes(self.model, trainable_only=True),
+            "optimizer_state": state,
+            "gradients": gradients,
+            "transient": peaks[probe] - floor - weights - state - gradients,
+        }
+
+    def record(self, peaks: dict[str, int], step_seconds: list[float], steps: int) -> Record:
+        """The record of ``steps`` measured steps with these peaks and times."""
+        breakdown_probe, breakdown = self.breakdown(peaks)
+        state_dtype = optim.state_dtype(self.optimizer)
+        hparams = {k: json_safe(v) for k, v in self.optimizer.defaults.items()}
+        if isinstance(self.optimizer, optim.ZerothOrder):
+            hparams["seed"] = self.optimizer.state["global"]["seed"]
+        return record_for(
+            self.cell,
+            params=models.param_count(self.model),
+            trainable_params=models.param_count(self.model, trainable_only=True),
+            peak_bytes=peaks,
+            baseline_bytes=self.baseline,
+            breakdown=breakdown,
+            breakdown_probe=breakdown_probe,
+            step_seconds=probes.summarize(step_seconds),
+            phases=with_other(self.phases.timer.medians(), step_seconds) if self.phases.timer else {},
+            forwards_per_step=self.calls[0] / steps,
+            state_dtype=str(state_dtype).removeprefix("torch.") if state_dtype else None,
+            hparams=hparams,
+            env=self.env,
+        )
+
+
+def prepare(cell: Cell) -> Prepared:
+    """Take the baseline readings, then build the model, batch, optimizer and closure of ``cell`` here."""
     device = torch.device(cell.device)
-    torch_dtype = models.dtype(cell.dtype)
     workload = workloads.get(cell.workload)
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -148,59 +214,32 @@ def measure(cell: Cell) -> Record:
             probe.baseline_bytes = baseline[probe.name]
 
     torch.manual_seed(0)
-    model = models.apply_tuning(models.build(cell.model, device, torch_dtype), cell.tuning)
+    model = models.apply_tuning(models.build(cell.model, device, models.dtype(cell.dtype)), cell.tuning)
     batch = workloads.make_batch(workload, model.config.vocab_size, device)
     optimizer = optim.create(cell.optimizer, optim.decay_groups(model.named_parameters()), **cell.hparams)
     phases = Phases()
     if isinstance(optimizer, optim.ZerothOrder):
         optimizer.phase = phases
     closure, calls = make_closure(model, optimizer, workload, batch, phases)
+    return Prepared(cell, device, model, optimizer, closure, calls, phases, active, baseline, env)
 
+
+def measure(cell: Cell) -> Record:
+    """Run ``cell`` in this process: baseline → build → batch → warm-up → reset peaks → measured steps."""
+    prepared = prepare(cell)
     for _ in range(cell.warmup):
-        optimizer.step(closure)
-    phases.timer = probes.PhaseTimer(device) if cell.phases else None
-    calls[0] = 0
-    timer = probes.StepTimer(device)
+        prepared.step()
+    prepared.start_measuring()
+    timer = probes.StepTimer(prepared.device)
     with contextlib.ExitStack() as region:
-        for probe in active:
+        for probe in prepared.probes:
             region.enter_context(probe)
         for _ in range(cell.steps):
             with timer.step():
-                optimizer.step(closure)
-            if phases.timer:
-                phases.timer.end_step()
-
-    weights = models.param_bytes(model)
-    state = optim.state_bytes(optimizer)
-    gradients = sum(p.grad.nbytes for p in model.parameters() if p.grad is not None)
-    breakdown_probe = "torch_allocated" if device.type == "cuda" else "cpu_hwm"
-    peaks = {p.name: p.peak_bytes for p in active}
-    floor = baseline.get(breakdown_probe, 0) if device.type == "cpu" else 0
-    state_dtype = optim.state_dtype(optimizer)
-    hparams = {k: json_safe(v) for k, v in optimizer.defaults.items()}
-    if isinstance(optimizer, optim.ZerothOrder):
-        hparams["seed"] = optimizer.state["global"]["seed"]
-    return record_for(
-        cell,
-        params=models.param_count(model),
-        trainable_params=models.param_count(model, trainable_only=True),
-        peak_bytes=peaks,
-        baseline_bytes=baseline,
-        breakdown={
-            "weights": weights,
-            "trainable": models.param_bytes(model, trainable_only=True),
-            "optimizer_state": state,
-            "gradients": gradients,
-            "transient": peaks[breakdown_probe] - floor - weights - state - gradients,
-        },
-        breakdown_probe=breakdown_probe,
-        step_seconds=probes.summarize(timer.seconds),
-        phases=with_other(phases.timer.medians(), timer.seconds) if phases.timer else {},
-        forwards_per_step=calls[0] / cell.steps,
-        state_dtype=str(state_dtype).removeprefix("torch.") if state_dtype else None,
-        hparams=hparams,
-        env=env,
-    )
+                prepared.step()
+            if prepared.phases.timer:
+                prepared.phases.timer.end_step()
+    return prepared.record({p.name: p.peak_bytes for p in prepared.probes}, timer.seconds, cell.steps)
 
 
 def main(argv: list[str]) -> int:

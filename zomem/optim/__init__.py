@@ -3,7 +3,8 @@
 Built-ins are registered here; third-party optimizers register through the entry point group
 ``zomem.optimizers`` or are named directly as ``module:Class``. Any ``torch.optim.Optimizer`` whose
 ``step(closure)`` calls the closure works; a class attribute ``forward_only = True`` tells the harness
-to run the closure under no_grad without backward (zeroth-order methods), otherwise it calls backward.
+to run the closure under no_grad without backward (zeroth-order methods), otherwise it calls backward;
+``state_copies`` says how many copies of the trainable parameters its persistent state holds.
 """
 
 from __future__ import annotations

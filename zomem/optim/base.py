@@ -80,6 +80,8 @@ class ZerothOrder(Optimizer):
 
     #: the harness runs the closure under no_grad and never calls backward
     forward_only: ClassVar[bool] = True
+    #: persistent state in copies of the trainable parameters (SPEC §4's table), read by the estimator
+    state_copies: ClassVar[float] = 0.0
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, seed: int = 0,
                  block_size: int | str | None = "auto") -> None:

@@ -13,6 +13,7 @@ class Inference(Optimizer):
     """Not an optimizer: one forward pass per step and no update, the memory floor of any method."""
 
     forward_only: ClassVar[bool] = True
+    state_copies: ClassVar[float] = 0.0
 
     def __init__(self, params: Any) -> None:
         super().__init__(params, {})
@@ -26,6 +27,7 @@ class SGD(torch.optim.SGD):
     """Plain SGD with backprop: gradients are its only extra memory (1P)."""
 
     forward_only: ClassVar[bool] = False
+    state_copies: ClassVar[float] = 0.0  # 1 with momentum
 
     def __init__(self, params: Any, lr: float = 1e-5, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
@@ -35,6 +37,7 @@ class Adam(torch.optim.AdamW):
     """AdamW with backprop, the usual fine-tuning baseline: gradients (1P) plus two moments (2P)."""
 
     forward_only: ClassVar[bool] = False
+    state_copies: ClassVar[float] = 2.0
 
     def __init__(self, params: Any, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0) -> None:
