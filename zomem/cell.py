@@ -8,6 +8,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
+
 from zomem import models, optim, workloads
 from zomem.errors import UsageError
 
@@ -17,8 +19,6 @@ DEVICES = ("auto", "cpu", "cuda")
 def cuda_available() -> bool:
     """Whether a CUDA device is usable, asked through NVML so this process never initialises CUDA."""
     os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -55,7 +55,8 @@ class Cell:
     def validated(self) -> Cell:
         """The same cell with its device resolved; bad input raises UsageError before anything is allocated."""
         model = models.spec(self.model)
-        optim.get(self.optimizer)
+        # Building over one meta parameter checks the hyper-parameters and allocates nothing.
+        optim.create(self.optimizer, [torch.nn.Parameter(torch.empty(1, device="meta"))], **self.hparams)
         workloads.get(self.workload).check_fits(model.positions)
         models.dtype(self.dtype)
         if self.tuning not in models.TUNINGS:

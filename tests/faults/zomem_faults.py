@@ -1,0 +1,25 @@
+"""Optimizers that fail on purpose, defined outside the package, to test how the harness records failures."""
+
+import os
+import signal
+import sys
+
+import torch
+
+from zomem.optim import MeZO
+
+
+class OutOfMemory(MeZO):
+    def step(self, closure):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+class Crashes(MeZO):
+    def step(self, closure):
+        print("about to fail: the tail of stderr must reach the record", file=sys.stderr)
+        raise RuntimeError("boom")
+
+
+class KilledByKernel(MeZO):
+    def step(self, closure):
+        os.kill(os.getpid(), signal.SIGKILL)

@@ -1,0 +1,77 @@
+from pathlib import Path
+
+import pytest
+import torch
+
+from zomem import records
+from zomem.cell import Cell
+from zomem.errors import UsageError
+from zomem.harness import run_cell
+
+FAULTS = Path(__file__).parent / "faults"
+SPEC_FIELDS = {"schema", "model", "optimizer", "workload", "tuning", "dtype", "device", "batch_size", "seq_len",
+               "params", "trainable_params", "status", "error", "peak_bytes", "breakdown", "step_seconds",
+               "phases", "forwards_per_step", "hparams", "env", "time"}
+
+
+@pytest.fixture
+def faults(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(FAULTS))
+    monkeypatch.setenv("PYTHONPATH", str(FAULTS))
+
+
+def test_cell_runs_in_a_child_and_appends_a_full_record(tmp_path: Path) -> None:
+    out = tmp_path / "r.jsonl"
+    record = run_cell(Cell("opt-tiny", "mezo", "copa", device="cpu", steps=2), out=out)
+    assert record.status == "ok" and records.read(out) == [record]
+    data = records.json.loads(record.to_json())
+    assert SPEC_FIELDS <= data.keys()
+    assert {"weights", "optimizer_state", "gradients", "transient"} <= record.breakdown.keys()
+    assert record.step_seconds["n"] == 2 and record.forwards_per_step == 2
+    assert {"perturb", "forward", "update"} <= record.phases.keys()
+    assert {"python", "torch", "transformers", "zomem", "git_commit", "cpu", "gpu", "driver",
+            "gpu_total_bytes"} <= record.env.keys()
+    assert record.peak_bytes["cpu_hwm"] > record.baseline_bytes["cpu_hwm"]
+    # The parent only ever asked NVML about CUDA.
+    assert not torch.cuda.is_initialized()
+
+
+def test_out_of_memory_becomes_an_oom_record(tmp_path: Path, faults: None) -> None:
+    record = run_cell(Cell("opt-tiny", "zomem_faults:OutOfMemory", "sst2", device="cpu"), out=tmp_path / "r")
+    assert record.status == "oom" and "out of memory" in record.error
+
+
+def test_crash_becomes_an_error_record_with_the_stderr_tail(tmp_path: Path, faults: None) -> None:
+    record = run_cell(Cell("opt-tiny", "zomem_faults:Crashes", "sst2", device="cpu"), out=tmp_path / "r")
+    assert record.status == "error"
+    assert "RuntimeError: boom" in record.error and "the tail of stderr" in record.error
+
+
+def test_killed_child_is_recorded_as_oom(tmp_path: Path, faults: None) -> None:
+    record = run_cell(Cell("opt-tiny", "zomem_faults:KilledByKernel", "sst2", device="cpu"), out=tmp_path / "r")
+    assert record.status == "oom" and "SIGKILL" in record.error
+
+
+def test_timeout_is_an_error_record() -> None:
+    record = run_cell(Cell("opt-tiny", "mezo", "sst2", device="cpu"), timeout=0.5)
+    assert record.status == "error" and "timed out" in record.error
+
+
+@pytest.mark.parametrize("cell,message", [
+    (Cell("opt-tiny", "mezo", "custom:batch=1,seq=4096", device="cpu"), "2048 positions"),
+    (Cell("opt-tiny", "mezo", "sst2", device="tpu"), "unknown device"),
+    (Cell("opt-tiny", "mezo", "sst2", dtype="float8"), "unknown dtype"),
+    (Cell("opt-tiny", "mezo", "sst2", tuning="ia3"), "unknown tuning"),
+    (Cell("opt-tiny", "mezo", "sst2", steps=0), "steps >= 1"),
+])
+def test_bad_cells_are_refused_before_a_child_starts(cell: Cell, message: str, monkeypatch) -> None:
+    monkeypatch.setattr("subprocess.run", lambda *a, **k: pytest.fail("a child was started"))
+    with pytest.raises(UsageError, match=message):
+        run_cell(cell)
+
+
+def test_cuda_without_a_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("zomem.cell.cuda_available", lambda: False)
+    with pytest.raises(UsageError, match="no CUDA GPU"):
+        Cell("opt-tiny", "mezo", "sst2", device="cuda").validated()
+    assert Cell("opt-tiny", "mezo", "sst2").validated().device == "cpu"
