@@ -24,10 +24,7 @@ class MeZO(ZerothOrder):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         seed, eps = self.next_step_seed(), self.defaults["eps"]
-        self.perturb(seed, +eps)
-        loss_plus = closure()
-        self.perturb(seed, -2 * eps)
-        loss_minus = closure()
+        loss_plus, loss_minus = self.evaluate_pair(closure, seed, eps)
         grad = (float(loss_plus) - float(loss_minus)) / (2 * eps)
         # Restoring θ and updating it share one regeneration of z per block.
         with self.phase("update"):
