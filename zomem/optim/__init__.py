@@ -14,16 +14,29 @@ from typing import Any
 from torch.optim import Optimizer
 
 from zomem.errors import UsageError
+from zomem.optim.adamezo import AdaMeZO
 from zomem.optim.base import ZerothOrder, decay_groups, mix, state_bytes, state_dtype
 from zomem.optim.first_order import SGD, Adam, Inference
+from zomem.optim.forward_grad import ForwardGrad
+from zomem.optim.hizoo import HiZOO
 from zomem.optim.mezo import MeZO
+from zomem.optim.zo_adam import ZOAdam
+from zomem.optim.zo_adamu import ZOAdaMU, anneal
+from zomem.optim.zo_sgd import ZOSGDConservative, ZOSGDMomentum, ZOSGDSign
 from zomem.registry import Registry, load_object
 
-__all__ = ["OPTIMIZERS", "SGD", "Adam", "Inference", "MeZO", "ZerothOrder", "create", "decay_groups",
+__all__ = ["OPTIMIZERS", "SGD", "AdaMeZO", "Adam", "ForwardGrad", "HiZOO", "Inference", "MeZO", "ZOAdaMU", "ZOAdam",
+           "ZOSGDConservative", "ZOSGDMomentum", "ZOSGDSign", "ZerothOrder", "anneal", "create", "decay_groups",
            "forward_only", "get", "mix", "state_bytes", "state_dtype"]
 
 OPTIMIZERS: Registry[type[Optimizer]] = Registry("optimizer", entry_point_group="zomem.optimizers")
-for _name, _cls in {"inference": Inference, "mezo": MeZO, "sgd": SGD, "adam": Adam}.items():
+#: SPEC §4's table, in its order
+BUILTIN: dict[str, type[Optimizer]] = {
+    "inference": Inference, "mezo": MeZO, "zo-sgd-mmt": ZOSGDMomentum, "zo-adam": ZOAdam, "zo-sgd-sign": ZOSGDSign,
+    "zo-sgd-cons": ZOSGDConservative, "forward-grad": ForwardGrad, "zo-adamu": ZOAdaMU, "hizoo": HiZOO,
+    "adamezo": AdaMeZO, "sgd": SGD, "adam": Adam,
+}
+for _name, _cls in BUILTIN.items():
     OPTIMIZERS.register(_name, _cls)
 
 
