@@ -6,6 +6,7 @@ on the meta device (free at any size), materialised empty on the target device a
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -156,11 +157,31 @@ def param_bytes(module: nn.Module, trainable_only: bool = False) -> int:
     return params if trainable_only else params + sum(b.nbytes for b in module.buffers())
 
 
+#: MeZO's PEFT settings (Malladi et al., 2023): LoRA r=8, alpha=16 on the query and value
+#: projections; prefix tuning with 5 virtual tokens in every layer.
+LORA_SETTINGS = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]}
+PREFIX_TOKENS = 5
+
+
 def apply_tuning(module: nn.Module, tuning: str) -> nn.Module:
-    """Mark what is trained: ``full`` trains every parameter; ``lora``/``prefix`` wrap with ``peft``."""
+    """Mark what is trained: ``full`` trains every parameter; ``lora``/``prefix`` wrap the model with ``peft``
+    (MeZO's settings) so that only the adapters or the prefix train, in the model's dtype, in eval mode."""
     if tuning == "full":
         module.requires_grad_(True)
         return module
     if tuning not in TUNINGS:
         raise UsageError(f"unknown tuning {tuning!r}. Valid: {', '.join(TUNINGS)}")
-    raise UsageError(f"tuning {tuning!r} is not built yet")
+    # Imported here: peft costs most of a second, and full fine-tuning never needs it.
+    from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+
+    dtype = next(module.parameters()).dtype
+    if tuning == "lora":
+        config = LoraConfig(task_type=TaskType.CAUSAL_LM, **LORA_SETTINGS)
+    else:
+        config = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=PREFIX_TOKENS)
+    # peft would keep float32 adapters beside a float16/bfloat16 model; the cell's dtype applies to all of it.
+    with warnings.catch_warnings():
+        # peft asks transformers 5 for a deprecated property: nothing a zomem user can act on
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+        wrapped = get_peft_model(module, config, autocast_adapter_dtype=False)
+    return wrapped.to(dtype).eval()
