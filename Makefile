@@ -4,6 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.zomem-installed
 REPORT_DIR ?= out/report
+# The benchmark suites on the tiny model: every registered optimizer, one workload, so CI exercises them cheaply.
+SUITES_ARGS ?= --zomem-model opt-tiny --zomem-device cpu --zomem-workloads sst2
+SUITES_JSON ?= out/suites/opt-tiny.json
 
 .PHONY: report test clean
 
@@ -17,6 +20,8 @@ report: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+	mkdir -p $(dir $(SUITES_JSON))
+	$(BIN)/python -m pytest suites/ $(SUITES_ARGS) --benchmark-json $(SUITES_JSON)
 
 clean:
 	rm -rf $(VENV) out
