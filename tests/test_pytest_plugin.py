@@ -10,12 +10,14 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 import zomem.harness  # noqa: F401 - imported before pytester snapshots sys.modules, so inner sessions share it
 from zomem import optim, workloads
 from zomem.cell import Cell
 from zomem.compare import Baseline
 from zomem.measure import prepare
+from zomem.pytest import fixture
 from zomem.pytest.plugin import parse_names, parse_rounds, parse_warmup
 
 pytest_plugins = ["pytester"]
@@ -89,6 +91,17 @@ def test_parse_rounds_and_warmup() -> None:
     for parse, text in ((parse_rounds, "0"), (parse_warmup, "-1"), (parse_rounds, "many")):
         with pytest.raises(argparse.ArgumentTypeError, match="whole number"):
             parse(text)
+
+
+def test_cuda_rounds_end_with_a_sync_and_tests_end_with_an_emptied_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No GPU here: the CUDA calls are recorded instead of made.
+    calls: list[tuple[str, ...]] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(("synchronize", str(device))))
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(("empty_cache",)))
+    for device in (torch.device("cpu"), torch.device("cuda", 1)):
+        fixture._synchronizer(device)()
+        fixture._release(device)
+    assert calls == [("synchronize", "cuda:1"), ("empty_cache",)]
 
 
 def test_default_grid_is_every_registered_optimizer_and_workload(pytester: pytest.Pytester) -> None:
