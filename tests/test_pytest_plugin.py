@@ -183,6 +183,10 @@ def test_zomem_limit_reads_the_named_probe_only(pytester: pytest.Pytester) -> No
         def test_nothing_measured():
             pass
 
+        @pytest.mark.zomem_limit("6 GiB")
+        def test_no_probe_measured(zomem):
+            zomem.report_peaks({{}})
+
         @pytest.mark.zomem_limit("1 GiB")
         def test_own_failure_comes_first(zomem):
             zomem.report_peaks({{"cpu_hwm": 2 * {GiB}}})
@@ -197,11 +201,12 @@ def test_zomem_limit_reads_the_named_probe_only(pytester: pytest.Pytester) -> No
             pass
     ''')
     result = pytester.runpytest("-rfE")
-    result.assert_outcomes(passed=1, failed=5, errors=2)
+    result.assert_outcomes(passed=1, failed=6, errors=2)
     result.stdout.fnmatch_lines_random([
         "*zomem_limit 6,144.0 MiB (nvml): *::test_nvml_over: nvml peak 6,656.0 MiB exceeds the limit",
         "*zomem_limit 4,608.0 MiB (every probe): *::test_every_probe: torch_reserved peak 5,120.0 MiB exceeds*",
         "*::test_probe_not_measured: probe nvml was not measured (measured: cpu_hwm)",
+        "*::test_no_probe_measured: probe any was not measured (measured: none)",
         "*zomem_limit 6,144.0 MiB (every probe): the test measured no peak: measure through the zomem fixture*",
         "*AssertionError: the test's own failure",
         "*bad zomem_limit marker: cannot read 'lots' as a size*",

@@ -52,7 +52,7 @@ def format_bytes(n: float) -> str:
 
 
 def format_seconds(s: float) -> str:
-    """Seconds with a unit that keeps three significant digits readable."""
+    """Seconds, in milliseconds below one second."""
     return f"{s * 1000:,.2f} ms" if s < 1 else f"{s:,.3f} s"
 
 

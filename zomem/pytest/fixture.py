@@ -85,7 +85,8 @@ class ZomemFixture:
     def report_peaks(self, peak_bytes: Mapping[str, int], *, name: str | None = None,
                      seconds: float | None = None) -> Measurement:
         """Expose peaks measured some other way (probe name → bytes), named ``name`` or this test's id."""
-        return self.add(Measurement(name or self.nodeid, "ok", dict(peak_bytes), seconds))
+        peaks = {probe: int(peak) for probe, peak in peak_bytes.items()}
+        return self.add(Measurement(name or self.nodeid, "ok", peaks, seconds))
 
     def measure(self, cell: Cell) -> Record:
         """Measure ``cell`` in a fresh child process and expose its peaks; the record says how it went."""

@@ -67,9 +67,10 @@ def limit_peak(limit: str | int, *, probe: str | None = None,
         if m.status != "ok":
             problems.append(f"{m.name} did not run ({m.status}), so its peak is unknown")
             continue
-        if probe is not None and probe not in m.peak_bytes:
-            # Never judge a limit on one probe by another's figure.
-            problems.append(f"{m.name}: probe {probe} was not measured (measured: {', '.join(m.peak_bytes) or 'none'})")
+        if (probe is not None and probe not in m.peak_bytes) or not m.peak_bytes:
+            # Never judge a limit on one probe by another's figure, nor pass a limit nothing was checked against.
+            problems.append(f"{m.name}: probe {probe or 'any'} was not measured "
+                            f"(measured: {', '.join(m.peak_bytes) or 'none'})")
             continue
         for name in [probe] if probe else sorted(m.peak_bytes):
             if m.peak_bytes[name] > parsed.bytes:
