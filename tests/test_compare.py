@@ -197,3 +197,10 @@ def test_export_github_writes_smaller_is_better_entries_for_new(tmp_path: Path, 
         {"name": "opt-tiny/mezo/sst2/full/float32/cpu step time", "unit": "s", "value": 0.25},
     ]
     assert github_benchmarks([Measurement("x", "error")]) == []
+
+
+def test_help_shows_the_default_thresholds(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["compare", "--help"])
+    assert exit_.value.code == 0
+    assert "peak:+2%,time:+10%" in capsys.readouterr().out

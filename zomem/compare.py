@@ -84,9 +84,10 @@ def parse_thresholds(text: str) -> tuple[Threshold, ...]:
 
 def add_fail_option(addoption: Callable[..., Any], flag: str, default: str) -> None:
     """The thresholds option, shared by ``zomem compare --fail-on`` and the plugin's ``--zomem-fail``."""
+    shown = default.replace("%", "%%") or "none, only show"  # argparse %-formats help strings
     addoption(flag, type=parse_thresholds, default=parse_thresholds(default), metavar="METRIC:+PCT%[,...]",
-              help=f"fail on an increase beyond these thresholds; metrics: {', '.join(METRICS + PROBES)}; "
-              f"a probe name overrides 'peak' for that probe (default: {default or 'none, only show'})")
+              help=f"fail on an increase beyond these thresholds, e.g. 'peak:+2%%,time:+10%%'; metrics: "
+              f"{', '.join(METRICS + PROBES)}; a probe name overrides 'peak' for that probe (default: {shown})")
 
 
 def cell_name(record: Record) -> str:
