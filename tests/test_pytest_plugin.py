@@ -114,9 +114,11 @@ def test_default_grid_is_every_registered_optimizer_and_workload(pytester: pytes
 
 
 def test_grid_options_narrow_the_grid(pytester: pytest.Pytester) -> None:
-    pytester.makepyfile("def test_cell(zomem_cell):\n    assert zomem_cell.dtype == 'bfloat16'\n"
+    pytester.makepyfile("def test_cell(zomem_cell):\n"
+                        "    assert (zomem_cell.dtype, zomem_cell.tuning) == ('bfloat16', 'lora')\n"
                         "    assert (zomem_cell.steps, zomem_cell.warmup) == (2, 0)\n")
     result = pytester.runpytest("-v", *TINY, "--zomem-optimizers", "mezo,adam", "--zomem-dtype", "bfloat16",
+                                "--zomem-tuning", "lora",
                                 "--zomem-workloads", "sst2,custom:batch=2,seq=16", "--zomem-rounds", "2",
                                 "--zomem-warmup", "0")
     result.assert_outcomes(passed=4)

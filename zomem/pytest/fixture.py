@@ -105,7 +105,7 @@ class ZomemFixture:
         from zomem import harness
 
         record = harness.run_cell(cell)
-        benchmark.group = f"{cell.model} {cell.dtype} {cell.device}"
+        benchmark.group = f"{cell.model} {cell.tuning} {cell.dtype} {cell.device}"
         benchmark.extra_info.update(dataclasses.asdict(record))
         if record.status != "ok":
             self.add(Measurement.from_record(record), record.env)

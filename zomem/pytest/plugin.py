@@ -1,6 +1,6 @@
 """zomem's pytest plugin (entry point ``pytest11``): options and hooks.
 
-- ``--zomem-model/-device/-dtype/-optimizers/-workloads`` shape the grid a test gets by asking for the
+- ``--zomem-model/-device/-dtype/-tuning/-optimizers/-workloads`` shape the grid a test gets by asking for the
   ``zomem_cell`` argument (one test per optimizer × workload).
 - The ``zomem`` fixture measures cells (:mod:`zomem.pytest.fixture`).
 - ``@pytest.mark.zomem_limit("6 GiB", probe="nvml")`` fails a test whose measured peak exceeds the limit.
@@ -69,6 +69,8 @@ def add_grid_options(addoption: Callable[..., Any]) -> None:
               help="auto, cpu, cuda or cuda:N (default: auto, a GPU when one is visible)")
     addoption("--zomem-dtype", default="float32", metavar="DTYPE",
               help="float32, float16 or bfloat16 (default: float32)")
+    addoption("--zomem-tuning", default="full", metavar="MODE",
+              help="what is trained: full, lora or prefix (default: full)")
     addoption("--zomem-optimizers", type=parse_names, default=None, metavar="NAMES",
               help="comma-separated optimizers (default: every registered one)")
     addoption("--zomem-workloads", type=parse_names, default=None, metavar="NAMES",
@@ -91,7 +93,7 @@ def add_baseline_options(addoption: Callable[..., Any]) -> None:
 
 
 def cell_id(cell: Cell) -> str:
-    """A test id for a grid cell; model, dtype and device are the same across the grid (see the benchmark group)."""
+    """A test id for a grid cell; model, tuning, dtype and device are the same across the grid (see the group)."""
     return f"{cell.optimizer}-{cell.workload}"
 
 

@@ -18,11 +18,12 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Grid:
-    """The cells ``zomem_cell`` is parametrised over: one model, dtype and device; optimizers × workloads."""
+    """The cells ``zomem_cell`` is parametrised over: one model, tuning, dtype and device; optimizers × workloads."""
 
     model: str
     device: str
     dtype: str
+    tuning: str
     #: None: every name registered when the tests are collected (plug-ins included)
     optimizers: tuple[str, ...] | None
     workloads: tuple[str, ...] | None
@@ -39,8 +40,8 @@ class Grid:
         optimizers = self.optimizers or tuple(optim.OPTIMIZERS.names())
         names = self.workloads or tuple(workloads.WORKLOADS.names())
         try:
-            return [Cell(model=self.model, optimizer=o, workload=w, dtype=self.dtype, device=self.device,
-                         steps=self.rounds, warmup=self.warmup).validated()
+            return [Cell(model=self.model, optimizer=o, workload=w, tuning=self.tuning, dtype=self.dtype,
+                         device=self.device, steps=self.rounds, warmup=self.warmup).validated()
                     for o in optimizers for w in names]
         except UsageError as exc:
             # A collection error with the message alone: the test file that asked for the grid names it.
@@ -79,7 +80,7 @@ class ZomemSession:
     def from_config(cls, config: pytest.Config) -> ZomemSession:
         """The session the command line asks for."""
         option = config.getoption
-        grid = Grid(option("zomem_model"), option("zomem_device"), option("zomem_dtype"),
+        grid = Grid(option("zomem_model"), option("zomem_device"), option("zomem_dtype"), option("zomem_tuning"),
                     option("zomem_optimizers"), option("zomem_workloads"), option("zomem_rounds"),
                     option("zomem_warmup"))
         return cls(grid, Path(option("zomem_storage")), option("zomem_save"), option("zomem_compare"),
