@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zomem.cli import compare, list_, report, run
+from zomem.cli import compare, list_, overhead, report, run, trajectories
 from zomem.errors import UsageError
 from zomem.records import RecordsError
 
-COMMANDS = (run, report, list_, compare)
+COMMANDS = (run, report, list_, compare, trajectories, overhead)
 
 
 def build_parser() -> argparse.ArgumentParser:
