@@ -10,6 +10,7 @@ import torch
 
 from zomem import optim
 from zomem.cell import Cell
+from zomem.harness import run_cell
 from zomem.measure import measure, prepare
 from zomem.optim import AdaMeZO, MeZO
 
@@ -95,3 +96,12 @@ def optimizer_peak(cls: type[optim.ZerothOrder], block: int) -> int:
 def test_adamezo_extra_peak_over_mezo_is_two_blocks(block: int) -> None:
     extra = optimizer_peak(AdaMeZO, block) - optimizer_peak(MeZO, block)
     assert 0 < extra <= 2 * block * 4
+
+
+def test_opt125m_child_process_keeps_the_tables_state() -> None:
+    # One real cell of the zoo on opt-125m (the others run on opt-tiny above): ZO-Adam keeps the most, 2P.
+    record = run_cell(Cell(model="opt-125m", optimizer="zo-adam", workload="sst2", device="cpu", steps=1, warmup=0))
+    assert record.status == "ok", record.error
+    assert record.trainable_params == record.params > 100e6
+    assert record.breakdown["optimizer_state"] == pytest.approx(2 * record.breakdown["trainable"], rel=0.02)
+    assert record.state_dtype == "float32" and record.forwards_per_step == 2
