@@ -105,7 +105,7 @@ class ZerothOrder(Optimizer):
         self.state["global"] = {"step": 0, "seed": int(seed)}
         #: wraps each phase of a step ("perturb", "update", …); the harness sets it to time them
         self.phase: PhaseHook = lambda name: contextlib.nullcontext()
-        self._buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
         self._generators: dict[torch.device, torch.Generator] = {}
 
     @property
@@ -156,16 +156,14 @@ class ZerothOrder(Optimizer):
         size = resolve_block_size(group["block_size"], param.device) or n
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
-    def blocks(self, step_seed: int, *, regenerate: bool = True) -> Iterator[Block]:
+    def blocks(self, step_seed: int) -> Iterator[Block]:
         """Walk every parameter block by block, drawing that block's z of step ``step_seed`` into a buffer."""
         for j, group, param in self.params():
             flat = param.detach().view(-1)
             spans = self.spans(param, group)
             buffer = self._buffer(param, spans[0].stop)
             for k, span in enumerate(spans):
-                z = buffer[: span.stop - span.start]
-                if regenerate:
-                    self.draw(z, step_seed, j, k)
+                z = self.draw(buffer[: span.stop - span.start], step_seed, j, k)
                 yield Block(group, param, j, k, span, flat[span], z)
 
     def scratch(self, b: Block, name: str) -> torch.Tensor:
