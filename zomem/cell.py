@@ -51,6 +51,9 @@ class Cell:
     phases: bool = True
     #: cap this process's GPU memory at this many bytes (emulates a smaller card)
     memory_cap_bytes: int | None = None
+    #: examples in each warm-up step's batch (None: the workload's own). Lazily created optimizer state
+    #: exists after one step of any batch, so a one-example warm-up readies a cell for a fraction of a step.
+    warmup_batch: int | None = None
 
     def validated(self) -> Cell:
         """The same cell with its device resolved; bad input raises UsageError before anything is allocated."""
@@ -63,6 +66,8 @@ class Cell:
             raise UsageError(f"unknown tuning {self.tuning!r}. Valid: {', '.join(models.TUNINGS)}")
         if self.steps < 1 or self.warmup < 0:
             raise UsageError(f"need steps >= 1 and warmup >= 0 (got steps={self.steps}, warmup={self.warmup})")
+        if self.warmup_batch is not None and self.warmup_batch < 1:
+            raise UsageError(f"a warm-up batch needs at least one example (got warmup_batch={self.warmup_batch})")
         return dataclasses.replace(self, device=resolve_device(self.device))
 
     def to_json(self) -> str:

@@ -7,6 +7,7 @@ peaks, CUDA contexts and allocator caches never leak between cells.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import platform
 import subprocess
@@ -33,7 +34,7 @@ def record_for(cell: Cell, **fields: Any) -> Record:
     return Record(
         model=cell.model, optimizer=cell.optimizer, workload=cell.workload, tuning=cell.tuning,
         dtype=cell.dtype, device=cell.device, batch_size=workload.batch_size, seq_len=workload.seq_len,
-        candidates=workload.candidates, steps=cell.steps, warmup=cell.warmup,
+        candidates=workload.candidates, steps=cell.steps, warmup=cell.warmup, warmup_batch=cell.warmup_batch,
         time=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **fields,
     )
 
@@ -224,11 +225,24 @@ def prepare(cell: Cell) -> Prepared:
     return Prepared(cell, device, model, optimizer, closure, calls, phases, active, baseline, env)
 
 
+def warmup_closure(prepared: Prepared) -> Callable[[], torch.Tensor]:
+    """The closure warm-up steps drive: the measured one, or the same loss on the first ``warmup_batch`` examples."""
+    cell = prepared.cell
+    workload = workloads.get(cell.workload)
+    if cell.warmup_batch is None or cell.warmup_batch >= workload.batch_size:
+        return prepared.closure
+    small = dataclasses.replace(workload, batch_size=cell.warmup_batch)
+    batch = workloads.make_batch(small, prepared.model.config.vocab_size, prepared.device)
+    closure, _ = make_closure(prepared.model, prepared.optimizer, small, batch, prepared.phases)
+    return closure
+
+
 def measure(cell: Cell) -> Record:
     """Run ``cell`` in this process: baseline → build → batch → warm-up → reset peaks → measured steps."""
     prepared = prepare(cell)
+    warm = warmup_closure(prepared)
     for _ in range(cell.warmup):
-        prepared.step()
+        prepared.optimizer.step(warm)
     prepared.start_measuring()
     timer = probes.StepTimer(prepared.device)
     with contextlib.ExitStack() as region:

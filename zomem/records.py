@@ -50,6 +50,8 @@ class Record:
     forwards_per_step: float | None = None
     steps: int | None = None
     warmup: int | None = None
+    #: examples per warm-up step, when fewer than the workload's batch
+    warmup_batch: int | None = None
     candidates: int = 1
     state_dtype: str | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
