@@ -210,7 +210,7 @@ class ZerothOrder(Optimizer):
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume from ``state_dict``: state tensors keep their saved dtype (torch would cast them to the parameter's)."""
+        """Resume from ``state_dict``; state tensors keep their saved dtype (torch casts them to the parameter's)."""
         super().load_state_dict(state_dict)
         self.state["global"] = copy.deepcopy(state_dict["state"]["global"])
         saved = state_dict["state"]
