@@ -21,7 +21,7 @@ NOISE_STREAM = 1
 
 
 def anneal(t: int, t1: float, t2: float, final: Coefficients = FINAL) -> Coefficients:
-    """(α, β1, β2) at step t: 1 before T1 (warm-up, plain SPSA probes), a half cosine from 1 to ``final`` until T2, then ``final``.
+    """(α, β1, β2) at step t: 1 before T1 (warm-up), a half cosine from 1 to ``final`` until T2, then ``final``.
 
     The paper's printed formula is not well defined; this is the reading SPEC §4 documents.
     """
