@@ -25,7 +25,7 @@ from zomem.optim.zo_adamu import ZOAdaMU, anneal
 from zomem.optim.zo_sgd import ZOSGDConservative, ZOSGDMomentum, ZOSGDSign
 from zomem.registry import Registry, load_object
 
-__all__ = ["OPTIMIZERS", "SGD", "AdaMeZO", "Adam", "ForwardGrad", "HiZOO", "Inference", "MeZO", "ZOAdaMU", "ZOAdam",
+__all__ = ["BUILTIN", "OPTIMIZERS", "SGD", "AdaMeZO", "Adam", "ForwardGrad", "HiZOO", "Inference", "MeZO", "ZOAdaMU", "ZOAdam",
            "ZOSGDConservative", "ZOSGDMomentum", "ZOSGDSign", "ZerothOrder", "anneal", "create", "decay_groups",
            "forward_only", "get", "mix", "state_bytes", "state_dtype"]
 
