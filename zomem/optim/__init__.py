@@ -25,9 +25,9 @@ from zomem.optim.zo_adamu import ZOAdaMU, anneal
 from zomem.optim.zo_sgd import ZOSGDConservative, ZOSGDMomentum, ZOSGDSign
 from zomem.registry import Registry, load_object
 
-__all__ = ["BUILTIN", "OPTIMIZERS", "SGD", "AdaMeZO", "Adam", "ForwardGrad", "HiZOO", "Inference", "MeZO", "ZOAdaMU", "ZOAdam",
-           "ZOSGDConservative", "ZOSGDMomentum", "ZOSGDSign", "ZerothOrder", "anneal", "create", "decay_groups",
-           "forward_only", "get", "mix", "state_bytes", "state_dtype"]
+__all__ = ["BUILTIN", "OPTIMIZERS", "SGD", "AdaMeZO", "Adam", "ForwardGrad", "HiZOO", "Inference", "MeZO", "ZOAdaMU",
+           "ZOAdam", "ZOSGDConservative", "ZOSGDMomentum", "ZOSGDSign", "ZerothOrder", "anneal", "create",
+           "decay_groups", "forward_only", "get", "mix", "state_bytes", "state_dtype"]
 
 OPTIMIZERS: Registry[type[Optimizer]] = Registry("optimizer", entry_point_group="zomem.optimizers")
 #: SPEC §4's table, in its order
