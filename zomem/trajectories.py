@@ -177,15 +177,18 @@ def draw(paths: Sequence[Path2D], out: Path) -> list[Path]:
                                 torch.linspace(y0, y1, 300, dtype=torch.float64), indexing="xy")
         values = function.f(xs, ys)
         low = max(float(values.min()), 1e-3)
-        ax.contourf(xs, ys, values.clamp_min(low), levels=torch.logspace(math.log10(low),
-                    math.log10(float(values.max())), 30).numpy(), norm=LogNorm(), cmap="Greys_r", alpha=0.55)
+        # log-spaced levels show the steep walls and the flat floor alike; rasterised, as contour paths would make
+        # the SVG megabytes
+        levels = torch.logspace(math.log10(low), math.log10(float(values.max())), 30).numpy()
+        ax.contourf(xs, ys, values.clamp_min(low), levels=levels, norm=LogNorm(), cmap="Greys_r", alpha=0.55,
+                    rasterized=True)
         for path in (p for p in paths if p.function == function):
             # thin, slightly transparent lines: the early zeroth-order steps are large and cross each other
             ax.plot(path.points[:, 0], path.points[:, 1], color=colours[path.optimizer], lw=0.8, alpha=0.85,
                     label=path.optimizer)
-            ax.plot(*path.points[-1].tolist(), "o", color=colours[path.optimizer], mec="k", mew=0.6, ms=6)
-        ax.plot(*function.start, "ks", ms=6)
-        ax.plot(*function.optimum, "*", color="gold", mec="k", ms=14)
+            ax.plot(*path.points[-1].tolist(), "o", color=colours[path.optimizer], mec="k", mew=0.6, ms=6, zorder=4)
+        ax.plot(*function.start, "ks", ms=6, zorder=5)
+        ax.plot(*function.optimum, "*", color="gold", mec="k", ms=14, zorder=5)
         ax.set(xlim=(x0, x1), ylim=(y0, y1), title=f"({function.key}) {function.formula}")
     for ax in axes.flat[len(functions):]:
         ax.axis("off")
