@@ -31,8 +31,11 @@ class HiZOO(ZerothOrder):
         super().__init__(params, {"lr": lr, "eps": eps, "hessian_smooth": hessian_smooth,
                                   "state_dtype": check_state_dtype(state_dtype)}, seed=seed, block_size=block_size)
 
+    def _hessian(self, b: Block) -> torch.Tensor:
+        return self.state_block(b, "hessian", fill=1.0)
+
     def _sqrt_hessian(self, b: Block) -> torch.Tensor:
-        return torch.sqrt(self.state_block(b, "hessian", fill=1.0), out=self.scratch(b, "work"))
+        return torch.sqrt(self._hessian(b), out=self.scratch(b, "work"))
 
     def direction(self, b: Block) -> torch.Tensor:
         """z/√H: a smaller probe along directions of high curvature."""
@@ -50,7 +53,7 @@ class HiZOO(ZerothOrder):
             for b in self.blocks(seed):
                 alpha = b.group["hessian_smooth"]
                 b.x.addcdiv_(b.z, self._sqrt_hessian(b), value=eps)  # restore θ with the H it was perturbed by
-                hessian = self.state_block(b, "hessian")
+                hessian = self._hessian(b)
                 # (1−α)H + α·c·H⊙z² = H ⊙ (1 − α + α·c·z²)
                 factor = torch.mul(b.z, b.z, out=self.scratch(b, "work")).mul_(alpha * curvature)
                 hessian.mul_(factor.add_(1 - alpha))
