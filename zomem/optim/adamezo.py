@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from zomem.optim.base import ZerothOrder, check_positive
+from zomem.optim.base import ZerothOrder, check_positive, one_thread
 from zomem.optim.zo_adam import check_betas
 
 
@@ -49,7 +49,8 @@ class AdaMeZO(ZerothOrder):
         w2 = [beta2**i for i in range(len(window))]
         w1 = [w / sum(w1) for w in w1]
         w2 = [w / sum(w2) for w in w2]
-        with self.phase("update"):
+        # K draws per block into cache-resident buffers: serial work (see one_thread)
+        with self.phase("update"), one_thread():
             for b in self.blocks(seed):
                 b.x.add_(b.z, alpha=eps)  # restore θ
                 m, v = self.scratch(b, "m"), self.scratch(b, "v")

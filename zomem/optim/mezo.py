@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from zomem.optim.base import ZerothOrder, check_positive
+from zomem.optim.base import ZerothOrder, check_positive, one_thread
 
 
 class MeZO(ZerothOrder):
@@ -27,7 +27,7 @@ class MeZO(ZerothOrder):
         loss_plus, loss_minus = self.evaluate_pair(closure, seed, eps)
         grad = (float(loss_plus) - float(loss_minus)) / (2 * eps)
         # Restoring θ and updating it share one regeneration of z per block.
-        with self.phase("update"):
+        with self.phase("update"), one_thread():
             for b in self.blocks(seed):
                 lr, decay = b.group["lr"], b.group["weight_decay"]
                 b.x.add_(b.z, alpha=eps)

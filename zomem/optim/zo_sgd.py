@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from zomem.optim.base import ZerothOrder, check_positive, check_state_dtype
+from zomem.optim.base import ZerothOrder, check_positive, check_state_dtype, one_thread
 
 
 class ZOSGDMomentum(ZerothOrder):
@@ -57,7 +57,7 @@ class ZOSGDSign(ZerothOrder):
         loss_plus, loss_minus = self.evaluate_pair(closure, seed, eps)
         grad = (float(loss_plus) - float(loss_minus)) / (2 * eps)
         sign = (grad > 0) - (grad < 0)
-        with self.phase("update"):
+        with self.phase("update"), one_thread():
             for b in self.blocks(seed):
                 b.x.add_(b.z, alpha=eps)  # restore θ
                 b.x.add_(b.z.sign_(), alpha=-b.group["lr"] * sign)  # sign(g·z) = sign(g)·sign(z)
@@ -77,7 +77,7 @@ class ZOSGDConservative(ZerothOrder):
 
     def _move(self, step_seed: int, eps_coef: float, lr_coef: float) -> None:
         # θ += (eps_coef·ε + lr_coef·η)·z: the learning rate may differ between parameter groups.
-        with self.phase("update"):
+        with self.phase("update"), one_thread():
             for b in self.blocks(step_seed):
                 b.x.add_(b.z, alpha=eps_coef * self.defaults["eps"] + lr_coef * b.group["lr"])
 
