@@ -1,0 +1,151 @@
+"""Fit the estimator's constants to measured records, and say how far its predictions fall from them.
+
+The fit is a least-squares one on relative error: the per-device overhead and the three transient
+multipliers are shared by every cell of a device kind; then each optimizer gets the extra transient
+(in copies of its trainable parameters) that its cells still show on average.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from zomem import estimate, models, optim, workloads
+from zomem.errors import UsageError
+from zomem.estimate import Calibration
+from zomem.records import Record
+
+
+@dataclass(frozen=True)
+class Residual:
+    """One measured cell beside the estimator's prediction for it."""
+
+    record: Record
+    probe: str
+    measured: int
+    predicted: int
+
+    @property
+    def relative(self) -> float:
+        """(predicted − measured) / measured: positive when the estimator over-predicts."""
+        return (self.predicted - self.measured) / self.measured
+
+
+def modelled(record: Record, kind: str) -> bool:
+    """Whether the estimator models ``record``: an ok, fully tuned cell of this device kind, state in the weights' dtype."""
+    if record.status != "ok" or record.tuning != "full" or record.device.split(":")[0] != kind:
+        return False
+    if record.model not in models.MODELS or estimate.PROBE[kind] not in record.peak_bytes:
+        return False
+    try:
+        optim.get(record.optimizer)
+        workloads.get(record.workload)
+    except UsageError:
+        return False
+    return record.hparams.get("state_dtype") in (None, record.dtype)
+
+
+def predict(record: Record, calibration: Calibration) -> estimate.Estimate:
+    """The estimator's prediction for the cell ``record`` measured (cells run everything in one dtype)."""
+    return estimate.estimate(record.model, record.optimizer, record.workload, record.dtype,
+                             device=calibration.device, precision="pure", calibration=calibration)
+
+
+def residuals(records: Sequence[Record], calibration: Calibration) -> list[Residual]:
+    """Predicted against measured peak for every record the estimator models on this device kind."""
+    probe = estimate.PROBE[calibration.device]
+    return [Residual(r, probe, r.peak_bytes[probe], predict(r, calibration).peak_bytes)
+            for r in records if modelled(r, calibration.device)]
+
+
+def fit(records: Sequence[Record], device: str, source: str = "") -> Calibration:
+    """Constants for ``device``'s kind fitted to its records (ok, full tuning); at least three are needed.
+
+    The shared constants are fitted to every cell, then each optimizer's extras to what they leave; optimizers
+    whose extras matter (forward-grad's tangents, say) are then set aside and the shared constants refitted to
+    the typical ones, so that one unusual method does not bend the constants of all the others.
+    """
+    kind = estimate.device_kind(device)
+    usable = [r for r in records if modelled(r, kind)]
+    if len(usable) < 3:
+        raise UsageError(f"calibrating {kind} needs at least 3 ok records measured on {kind}; got {len(usable)}")
+    calibration = _with_extras(_fit_shared(usable, kind), usable)
+    typical = [r for r in usable if abs(_extra_bytes(r, calibration)) < TYPICAL * r.peak_bytes[estimate.PROBE[kind]]]
+    if len(typical) >= 3:
+        calibration = _with_extras(_fit_shared(typical, kind), usable)
+    worst = max(abs(r.relative) for r in residuals(usable, calibration))
+    machine = usable[0].env.get("gpu") or usable[0].env.get("cpu") or "unknown machine"
+    stamp = datetime.datetime.now(datetime.UTC).date().isoformat()
+    note = f"fitted {stamp} to {len(usable)} cells measured on {machine}" + (f" ({source})" if source else "")
+    return dataclasses.replace(calibration, source=note, worst_residual=round(worst, 4), cells=len(usable))
+
+
+#: an optimizer whose own extras move a cell's prediction by more than this fraction is not typical
+TYPICAL = 0.02
+#: how strongly an optimizer's own (scale, copies) are pulled towards none: keeps the two sane when its cells
+#: cannot tell them apart (one model, one workload), too weak to matter when they can
+RIDGE = 1e-3
+
+
+def _zero(kind: str) -> Calibration:
+    return Calibration(kind, True, 0, 0.0, 0.0, 0.0)
+
+
+def _fit_shared(cells: Sequence[Record], kind: str) -> Calibration:
+    """Overhead and transient multipliers: with all of them zero a prediction is the exact persistent part (and
+    the z buffer), and it grows linearly in each. A term no cell exercises keeps its analytic value, 1."""
+    rows, targets, weights = [], [], []
+    for r in cells:
+        t = estimate.terms(r.model, workloads.get(r.workload), r.dtype)
+        backprop = not optim.forward_only(optim.get(r.optimizer))
+        rows.append([1.0, 0.0, t.activations, 2.0 * (t.logits + t.loss)] if backprop
+                    else [1.0, estimate.working_set(t), 0.0, 0.0])
+        measured = r.peak_bytes[estimate.PROBE[kind]]
+        targets.append(measured - predict(r, _zero(kind)).peak_bytes)
+        weights.append(1.0 / measured)  # relative error: small cells count as much as large ones
+    x = torch.tensor(rows, dtype=torch.float64)
+    coef = _nonnegative_lstsq(x, torch.tensor(targets, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64))
+    present = x.any(dim=0).tolist()
+    scales = (float(coef[j]) if present[j] else 1.0 for j in range(1, 4))
+    return Calibration(kind, True, int(round(float(coef[0]))), *scales)
+
+
+def _extra_bytes(record: Record, calibration: Calibration) -> int:
+    return predict(record, calibration).peak_bytes - predict(record, dataclasses.replace(calibration, optimizers={})).peak_bytes
+
+
+def _with_extras(shared: Calibration, cells: Sequence[Record]) -> Calibration:
+    """``shared`` with each optimizer's (scale, copies) fitted to what ``shared`` leaves in its cells."""
+    optimizers = {}
+    for name in dict.fromkeys(r.optimizer for r in cells):
+        rows, targets, weights = [], [], []
+        for res in residuals([r for r in cells if r.optimizer == name], shared):
+            t = estimate.terms(res.record.model, workloads.get(res.record.workload), res.record.dtype)
+            raw = estimate.working_set(t) if optim.forward_only(optim.get(name)) else estimate.saved(t)
+            rows.append([raw, predict(res.record, shared).worst.weights])
+            targets.append(res.measured - res.predicted)
+            weights.append(1.0 / res.measured)
+        xw = torch.tensor(rows, dtype=torch.float64) * torch.tensor(weights, dtype=torch.float64)[:, None]
+        yw = torch.tensor(targets, dtype=torch.float64) * torch.tensor(weights, dtype=torch.float64)
+        scale = xw.abs().amax(dim=0).clamp(min=1e-30)  # unit columns, so one ridge suits both
+        xs = xw / scale
+        coef = torch.linalg.solve(xs.T @ xs + RIDGE * len(yw) * torch.eye(2, dtype=torch.float64), xs.T @ yw) / scale
+        optimizers[name] = {"scale": round(float(coef[0]), 4), "copies": round(float(coef[1]), 4)}
+    return dataclasses.replace(shared, optimizers=optimizers)
+
+
+def _nonnegative_lstsq(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    # Weighted least squares; a column whose coefficient comes out negative (a term these cells cannot
+    # tell apart from the others) is dropped and the fit redone, so no constant turns a size negative.
+    active = [j for j in range(x.shape[1]) if x[:, j].any()]
+    while True:
+        coef = torch.zeros(x.shape[1], dtype=x.dtype)
+        coef[active] = torch.linalg.lstsq(x[:, active] * w[:, None], (y * w)[:, None]).solution[:, 0]
+        negative = [j for j in active if coef[j] < 0]
+        if not negative:
+            return coef
+        active.remove(min(negative, key=lambda j: coef[j]))

@@ -1,0 +1,60 @@
+"""``zomem estimate``: the predicted peak memory per GPU of one step, with its breakdown."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from tabulate import tabulate
+
+from zomem import estimate
+from zomem.estimate import Estimate
+from zomem.hardware import GIB
+from zomem.models import DTYPES
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``zomem estimate``."""
+    parser = sub.add_parser("estimate", help="predict the peak memory per device of one optimizer step",
+                            description="Predict peak bytes per device (weights, optimizer state, gradients, "
+                            "transient, per-device overhead) without running anything.")
+    parser.add_argument("--model", required=True, help="e.g. opt-13b (see `zomem list`)")
+    parser.add_argument("--optimizer", required=True, help="a registered name or module:Class")
+    parser.add_argument("--workload", required=True, help="e.g. multirc or custom:batch=8,seq=512")
+    parser.add_argument("--dtype", default="float16", choices=list(DTYPES), help="weights dtype (default: float16)")
+    parser.add_argument("--precision", choices=list(estimate.PRECISIONS), default=None,
+                        help="mixed: half weights and gradients, float32 master weights and state (default: mixed "
+                        "for first-order methods in a half dtype, else pure)")
+    parser.add_argument("--gpus", type=int, default=1, help="GPUs the model is spread over (default: 1)")
+    parser.add_argument("--device", default="cuda", choices=list(estimate.DEVICE_KINDS),
+                        help="whose calibrated constants to use (default: cuda)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=main)
+
+
+def compute(args: argparse.Namespace) -> Estimate:
+    """The estimate the options ask for."""
+    return estimate.estimate(args.model, args.optimizer, args.workload, args.dtype, gpus=args.gpus,
+                             device=args.device, precision=args.precision)
+
+
+def render(result: Estimate) -> str:
+    """A table of every device's parts in GiB, and one line naming the peak."""
+    parts = ("weights", "optimizer_state", "gradients", "transient", "overhead")
+    rows = [[f"{result.device}:{i}", *(f"{getattr(d, p) / GIB:,.2f}" for p in parts), f"{d.total / GIB:,.2f}"]
+            for i, d in enumerate(result.devices)]
+    table = tabulate(rows, headers=["device", *parts, "total"], tablefmt="github", disable_numparse=True)
+    state = "calibrated" if result.calibrated else "UNCALIBRATED (analytic defaults)"
+    notes = [f"{result.model} {result.optimizer} {result.workload} {result.dtype} ({result.precision} precision), "
+             f"{result.gpus} {result.device} device(s), {result.placement}; {state} constants; GiB",
+             table, f"predicted peak per device: {result.peak_bytes / GIB:,.2f} GiB ({result.peak_bytes:,} bytes)"]
+    if result.offloaded:
+        notes.append(f"accelerate could not place {len(result.offloaded)} modules on the GPUs: the model does not fit")
+    return "\n\n".join(notes)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the estimate as a table or JSON."""
+    result = compute(args)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else render(result))
+    return 0
