@@ -15,8 +15,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
 	touch $(STAMP)
 
+# --resume: an interrupted `make report` finishes only the missing cells when run again
 report: $(STAMP)
-	$(BIN)/zomem report --out $(REPORT_DIR)
+	$(BIN)/zomem report --resume --out $(REPORT_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -5,11 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from zomem.cli import compare, list_, overhead, report, run, trajectories
+from zomem.cli import calibrate, compare, estimate, fit, list_, overhead, report, run, trajectories
 from zomem.errors import UsageError
 from zomem.records import RecordsError
 
-COMMANDS = (run, report, list_, compare, trajectories, overhead)
+COMMANDS = (run, report, estimate, fit, calibrate, list_, compare, trajectories, overhead)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,12 +20,14 @@ def parse_hparam(text: str) -> tuple[str, Any]:
         return key, value
 
 
-def add_cell_options(parser: argparse.ArgumentParser, *, steps: int = 3) -> None:
-    """Options that shape how each cell runs: device, dtype, tuning, steps, hyper-parameters."""
+def add_cell_options(parser: argparse.ArgumentParser, *, steps: int | None = 3, steps_help: str | None = None) -> None:
+    """Options that shape how each cell runs: device, dtype, tuning, steps, hyper-parameters.
+
+    ``steps=None`` leaves the step count to the command (say how in ``steps_help``)."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
     parser.add_argument("--tuning", default="full", choices=list(TUNINGS))
-    parser.add_argument("--steps", type=int, default=steps, help=f"measured steps (default: {steps})")
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help or f"measured steps (default: {steps})")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps before peaks are reset (default: 1)")
     parser.add_argument("--hparam", type=parse_hparam, action="append", default=[], metavar="KEY=VALUE",
                         help="an optimizer hyper-parameter, e.g. --hparam lr=1e-6 (repeatable)")

@@ -1,47 +1,85 @@
-"""``zomem report``: run the cells of a sweep and print its tables."""
+"""``zomem report``: run (or reuse) a sweep of cells and write the report folder: tables, figures, index."""
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from tqdm import tqdm
 
-from zomem import report
-from zomem.cell import Cell
+from zomem import calibrate, fit, hardware, optim, report, sweep
+from zomem.cell import resolve_device
 from zomem.cli.options import add_cell_options
-from zomem.harness import run_cell
+from zomem.estimate import Calibration
+from zomem.models import DTYPES
 
 DEFAULT_MODELS = ["opt-125m"]
-DEFAULT_OPTIMIZERS = ["inference", "mezo", "adam"]
 DEFAULT_WORKLOADS = ["sst2", "copa", "squad"]
+DEFAULT_OUT = Path("out/report")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``zomem report``."""
-    parser = sub.add_parser("report", help="measure a sweep of cells and print its tables")
-    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS)
-    parser.add_argument("--optimizers", nargs="+", default=DEFAULT_OPTIMIZERS)
-    parser.add_argument("--workloads", nargs="+", default=DEFAULT_WORKLOADS)
-    parser.add_argument("--out", type=Path, default=Path("out/report"), help="report folder (default: out/report)")
-    add_cell_options(parser)
+    parser = sub.add_parser("report", help="measure a sweep of cells and write tables, figures and an index",
+                            description="Measure (or reuse) every cell of models x optimizers x workloads, then "
+                            "write peak-memory, step-time and largest-fit tables, figures and index.md.")
+    parser.add_argument("--models", nargs="+", default=DEFAULT_MODELS, help="default: opt-125m")
+    parser.add_argument("--optimizers", nargs="+", default=None, help="default: every registered optimizer")
+    parser.add_argument("--workloads", nargs="+", default=DEFAULT_WORKLOADS, help="default: sst2 copa squad")
+    parser.add_argument("--hardware", nargs="+", default=list(hardware.DEFAULT_ROWS), metavar="NxTYPE",
+                        help="largest-fit rows (default: 1/2/4/8 x A100-80GB and V100-32GB)")
+    parser.add_argument("--fit-workload", default=fit.DEFAULT_WORKLOAD, help="largest-fit workload (default: multirc)")
+    parser.add_argument("--fit-dtype", default=fit.DEFAULT_DTYPE, choices=list(DTYPES),
+                        help="largest-fit weights dtype (default: float16; first-order methods in mixed precision)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"report folder (default: {DEFAULT_OUT})")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the records already in the folder and measure only the missing cells")
+    add_cell_options(parser, steps=None, steps_help="measured steps per cell (default: 1 on CPU, 3 on a GPU)")
+    parser.add_argument("--warmup-batch", type=int, default=None, metavar="N",
+                        help="examples per warm-up step (default: 1 on CPU, the workload's batch on a GPU)")
     parser.set_defaults(func=main)
 
 
+def settings(args: argparse.Namespace) -> sweep.Settings:
+    """The sweep's settings: what was asked for, the device's defaults for the rest."""
+    device = resolve_device(args.device)
+    chosen = sweep.defaults(device)
+    if args.steps is not None:
+        chosen["steps"] = args.steps
+    if args.warmup_batch is not None:
+        chosen["warmup_batch"] = args.warmup_batch
+    return sweep.Settings(device=device, dtype=args.dtype, tuning=args.tuning, steps=chosen["steps"],
+                          warmup=args.warmup, warmup_batch=chosen["warmup_batch"], hparams=dict(args.hparam),
+                          timeout=args.timeout)
+
+
 def main(args: argparse.Namespace) -> int:
-    """Validate every cell first, then measure them one child process at a time."""
-    cells = [Cell(model=m, optimizer=o, workload=w, tuning=args.tuning, dtype=args.dtype, device=args.device,
-                  steps=args.steps, warmup=args.warmup, hparams=dict(args.hparam)).validated()
-             for m in args.models for w in args.workloads for o in args.optimizers]
-    out = args.out / "records.jsonl"
-    measured = []
-    for cell in tqdm(cells, desc="cells", unit="cell"):
-        measured.append(run_cell(cell, out=out, timeout=args.timeout))
-    for model in args.models:
-        of_model = [r for r in measured if r.model == model]
-        print(f"\n## Peak memory, MiB ({model}, ratio to mezo)\n")
-        print(report.markdown(*report.peak_memory_rows(of_model)))
-        print(f"\n## Step time, seconds ({model}, median (IQR))\n")
-        print(report.markdown(*report.step_time_rows(of_model)))
-    print(f"\nrecords: {out}")
+    """Validate everything first, measure what is missing, then write the folder from the records."""
+    started = time.monotonic()
+    chosen = settings(args)
+    optimizers = args.optimizers or optim.OPTIMIZERS.names()
+    rows = [hardware.parse_row(text) for text in args.hardware]
+    cells = sweep.plan(args.models, optimizers, args.workloads, chosen)
+    args.out.mkdir(parents=True, exist_ok=True)
+    measured = sweep.run(cells, args.out / "records.jsonl", resume=args.resume, timeout=chosen.timeout)
+
+    fits = fit.read(args.out / "fits.jsonl", args.fit_workload, args.fit_dtype)
+    known = {(f.hardware, f.optimizer) for f in fits}
+    todo = [(row, o) for row in rows for o in optimizers if (row.name, o) not in known]
+    fits += [fit.predict(row, o, args.fit_workload, args.fit_dtype)
+             for row, o in tqdm(todo, desc="largest fit", unit="fit", disable=not todo)]
+
+    # matplotlib costs half a second at import: only this command draws, so only it pays
+    from zomem import figures
+
+    calibration = Calibration.load(chosen.device)
+    gpus = list(dict.fromkeys(row.gpu for row in rows))
+    written = figures.save(figures.memory_vs_size(measured, calibration, gpus), args.out, "memory_vs_size")
+    written += figures.save(figures.step_breakdown(measured), args.out, "step_breakdown")
+    written += report.write(args.out, measured, fits, [row.name for row in rows], optimizers,
+                            calibrate.residuals(measured, calibration), calibration, chosen,
+                            elapsed_s=time.monotonic() - started)
+    print(report.peak_memory(measured).markdown())
+    print(f"report: {args.out / 'index.md'} ({len(written) + 1} files with records.jsonl)")
     return 0

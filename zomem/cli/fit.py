@@ -1,0 +1,107 @@
+"""``zomem fit``: the largest OPT each optimizer can fine-tune on given hardware, predicted or measured."""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+from pathlib import Path
+
+from tabulate import tabulate
+
+from zomem import fit, hardware, sweep
+from zomem.cell import Cell, resolve_device
+from zomem.errors import UsageError
+from zomem.fit import Fit
+from zomem.harness import run_cell
+from zomem.hardware import GIB
+from zomem.models import DTYPES
+
+DEFAULT_RECORDS = Path("out/fit/records.jsonl")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``zomem fit``."""
+    parser = sub.add_parser("fit", help="find the largest OPT that fits given GPUs (or a CPU memory budget)",
+                            description="Predict (default) or measure the largest ladder model whose step fits.")
+    parser.add_argument("--hardware", nargs="+", default=list(hardware.DEFAULT_ROWS), metavar="NxTYPE",
+                        help="GPU rows such as 1xA100-80GB, 8xV100-32GB or 2xMYCARD:48 (default: 1/2/4/8 x "
+                        "A100-80GB and V100-32GB)")
+    parser.add_argument("--optimizer", nargs="+", required=True, help="one or more optimizers")
+    parser.add_argument("--workload", default=fit.DEFAULT_WORKLOAD, help="default: multirc")
+    parser.add_argument("--dtype", default=fit.DEFAULT_DTYPE, choices=list(DTYPES),
+                        help="weights dtype (default: float16; first-order methods then in mixed precision)")
+    parser.add_argument("--precision", choices=["pure", "mixed"], default=None,
+                        help="override the precision a prediction assumes")
+    parser.add_argument("--models", nargs="+", default=list(fit.DEFAULT_LADDER),
+                        help="the ladder to search, smallest first (default: the OPT ladder)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--predict", action="store_const", dest="mode", const="predict",
+                      help="ask the estimator (default)")
+    mode.add_argument("--measure", action="store_const", dest="mode", const="measure",
+                      help="run cells: on a GPU under a memory cap emulating each card, on CPU against --budget")
+    parser.add_argument("--budget", type=hardware.parse_bytes, default=None,
+                        help="CPU memory budget for --measure, e.g. 2GiB (the peak of the whole process)")
+    parser.add_argument("--device", default="auto", help="device for --measure: auto, cpu, cuda or cuda:N")
+    parser.add_argument("--records", type=Path, default=DEFAULT_RECORDS,
+                        help=f"where --measure appends the records of its trials (default: {DEFAULT_RECORDS})")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="also append each fit as a JSON line here (a report folder's fits.jsonl)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.set_defaults(func=main, mode="predict")
+
+
+def compute(args: argparse.Namespace) -> list[Fit]:
+    """Every (hardware row or budget) × optimizer fit the options ask for."""
+    if args.mode == "predict":
+        if args.budget is not None:
+            raise UsageError("--budget is for --measure on CPU; predictions are made for --hardware rows")
+        rows = [hardware.parse_row(text) for text in args.hardware]
+        return [fit.predict(row, o, args.workload, args.dtype, ladder=args.models, precision=args.precision)
+                for row in rows for o in args.optimizer]
+    if args.precision is not None:
+        raise UsageError("a measured fit runs every tensor in --dtype; --precision is for predictions")
+    device = resolve_device(args.device)
+    run = functools.partial(run_cell, out=args.records)
+    steps = {k: v for k, v in sweep.defaults(device).items() if k != "steps"}
+    results = []
+    for optimizer in args.optimizer:
+        template = Cell(args.models[0], optimizer, args.workload, dtype=args.dtype, device=device, steps=1, **steps)
+        template = template.validated()
+        if device == "cpu":
+            if args.budget is None:
+                raise UsageError("--measure on CPU needs a memory budget, e.g. --budget 2GiB")
+            guess = fit.guess(args.budget, optimizer, args.workload, args.dtype, "cpu", args.models)
+            results.append(fit.measure(template, args.budget, f"cpu budget {args.budget / GIB:.3g} GiB", run,
+                                       ladder=args.models, guess=guess))
+            continue
+        if args.budget is not None:
+            raise UsageError("--budget is for CPU; on a GPU each --hardware card is emulated with a memory cap")
+        total = fit.gpu_total_bytes(device)
+        for row in map(hardware.parse_row, args.hardware):
+            cell = fit.gpu_cell(row, template, total)
+            guess = fit.predict(row, optimizer, args.workload, args.dtype, ladder=args.models, precision="pure").answer
+            results.append(fit.measure(cell, row.gpu.memory_bytes, row.name, run, ladder=args.models, guess=guess))
+    return results
+
+
+def render(results: list[Fit]) -> str:
+    """One line per fit: the answer and every model tried with its peak."""
+    rows = []
+    for f in results:
+        tried = ", ".join(f"{t.model} {'fits' if t.fits else 'no'} "
+                          + (f"{t.peak_bytes / GIB:,.2f} GiB" if t.peak_bytes is not None else t.detail.get("status", ""))
+                          for t in f.trials)
+        rows.append([f.hardware, f.optimizer, f.answer or "none", f.source, tried])
+    return tabulate(rows, headers=["hardware", "optimizer", "largest fit", "source", "models tried (peak per GPU)"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    """Print the fits; append them to --out when given."""
+    results = compute(args)
+    if args.out is not None:
+        for result in results:
+            fit.append(args.out, result)
+    print(json.dumps([f.as_dict() for f in results], indent=2) if args.json else render(results))
+    return 0
