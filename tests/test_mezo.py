@@ -3,22 +3,12 @@
 import pytest
 import torch
 
+from reference import reference_z
 from zomem import models, workloads
 from zomem.optim import MeZO, decay_groups, mix
 from zomem.optim.base import CPU_BLOCK, resolve_block_size
 
 LR, EPS, DECAY, SEED, BLOCK = 0.05, 1e-3, 0.1, 7, 4
-
-
-def reference_z(step_seed: int, j: int, shape: torch.Size, block: int | None) -> torch.Tensor:
-    """z of tensor j drawn by the documented rule: block k from a generator seeded mix(s, j, k)."""
-    n = shape.numel()
-    size = block or n
-    pieces = []
-    for k, start in enumerate(range(0, n, size)):
-        generator = torch.Generator().manual_seed(mix(step_seed, j, k))
-        pieces.append(torch.empty(min(size, n - start), dtype=torch.float64).normal_(generator=generator))
-    return torch.cat(pieces).view(shape)
 
 
 def loss_of(tensors: list[torch.Tensor]) -> torch.Tensor:

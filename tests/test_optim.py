@@ -14,23 +14,13 @@ import pytest
 import torch
 
 from zomem import optim
+from reference import reference_z
 from zomem.optim import AdaMeZO, ForwardGrad, HiZOO, ZOAdaMU, ZOAdam, ZOSGDConservative, ZOSGDMomentum, ZOSGDSign, mix
 
 EPS, SEED = 1e-3, 7
 SHAPES = [(5, 4), (7,), (3, 3)]
 BLOCKS = pytest.mark.parametrize("block", [4, None], ids=["blocks-of-4", "whole-tensors"])
 Tensors = list[torch.Tensor]
-
-
-def reference_z(step_seed: int, j: int, shape: tuple[int, ...], block: int | None) -> torch.Tensor:
-    """z of tensor j by the documented rule, drawn block by block."""
-    n = math.prod(shape)
-    size = block or n
-    pieces = []
-    for k, start in enumerate(range(0, n, size)):
-        generator = torch.Generator().manual_seed(mix(step_seed, j, k))
-        pieces.append(torch.empty(min(size, n - start), dtype=torch.float64).normal_(generator=generator))
-    return torch.cat(pieces).view(shape)
 
 
 def zs(step_seed: int, block: int | None) -> Tensors:
