@@ -55,7 +55,8 @@ def test_forward_only_transient_is_one_layer_or_the_logits_and_loss() -> None:
     t = estimate.terms("opt-125m", squad, "float32")
     tokens = squad.sequences * squad.seq_len
     assert t.logits == tokens * spec.vocab * 4
-    assert t.loss == squad.sequences * squad.targets * spec.vocab * 4  # float32 logits need no float copy
+    # log_softmax's output and nll_loss's contiguous copy of it; float32 logits need no float copy
+    assert t.loss == 2 * squad.sequences * squad.targets * spec.vocab * 4
     assert t.layer_working_set == estimate.LAYER_WORKING_SET * tokens * spec.hidden * 4
     assert t.activations == estimate.SAVED_PER_LAYER * spec.layers * tokens * spec.hidden * 4
     e = estimate.estimate("opt-125m", "inference", "squad", "float32", calibration=BARE)
@@ -66,11 +67,14 @@ def test_forward_only_transient_is_one_layer_or_the_logits_and_loss() -> None:
 
 
 def test_backprop_keeps_every_layer_and_costs_more_than_a_forward() -> None:
-    fo = estimate.estimate("opt-1.3b", "mezo", "multirc", "float16", calibration=BARE).worst
-    bp = estimate.estimate("opt-1.3b", "sgd", "multirc", "float16", precision="pure", calibration=BARE).worst
+    fo = estimate.estimate("opt-125m", "mezo", "squad", "float32", calibration=BARE).worst
+    bp = estimate.estimate("opt-125m", "sgd", "squad", "float32", calibration=BARE).worst
     assert bp.transient > fo.transient
-    t = estimate.terms("opt-1.3b", workloads.get("multirc"), "float16")
-    assert bp.transient == t.activations + 2 * (t.logits + t.loss)
+    t = estimate.terms("opt-125m", workloads.get("squad"), "float32")
+    assert bp.transient == t.activations + t.logits + max(t.loss, t.head_gradient) - bp.gradients
+    # one example of a large model: the gradients outweigh what backward frees, so the peak is at its end
+    big = estimate.estimate("opt-13b", "sgd", "multirc", "float16", precision="pure", calibration=BARE).worst
+    assert big.transient == 0 and big.gradients == big.weights
 
 
 def test_zeroth_order_buffer_is_one_block_on_cpu_and_the_largest_tensor_on_cuda() -> None:

@@ -96,16 +96,24 @@ def _zero(kind: str) -> Calibration:
 
 
 def _fit_shared(cells: Sequence[Record], kind: str) -> Calibration:
-    """Overhead and transient multipliers: with all of them zero a prediction is the exact persistent part (and
-    the z buffer), and it grows linearly in each. A term no cell exercises keeps its analytic value, 1."""
+    """Overhead and transient multipliers, linear in each: a forward-only peak is the persistent part, the z
+    buffer and a multiple of the working set; a backprop peak is the weights, state and what is alive when
+    backward begins (or, where the gradients outweigh that, the weights, state and gradients: no multiplier
+    shows there). A term no cell exercises keeps its analytic value, 1."""
     rows, targets, weights = [], [], []
     for r in cells:
+        e = predict(r, _zero(kind)).worst  # the persistent parts, and the z buffer as the transient
         t = estimate.terms(r.model, workloads.get(r.workload), r.dtype)
-        backprop = not optim.forward_only(optim.get(r.optimizer))
-        rows.append([1.0, 0.0, t.activations, 2.0 * (t.logits + t.loss)] if backprop
-                    else [1.0, estimate.working_set(t), 0.0, 0.0])
         measured = r.peak_bytes[estimate.PROBE[kind]]
-        targets.append(measured - predict(r, _zero(kind)).peak_bytes)
+        if optim.forward_only(optim.get(r.optimizer)):
+            rows.append([1.0, estimate.working_set(t), 0.0, 0.0])
+            targets.append(measured - e.total)
+        elif estimate.backward_start(t) > e.gradients:
+            rows.append([1.0, 0.0, t.activations, t.logits])
+            targets.append(measured - e.weights - e.optimizer_state - max(t.loss, t.head_gradient))
+        else:
+            rows.append([1.0, 0.0, 0.0, 0.0])
+            targets.append(measured - e.total)
         weights.append(1.0 / measured)  # relative error: small cells count as much as large ones
     x = torch.tensor(rows, dtype=torch.float64)
     coef = _nonnegative_lstsq(x, torch.tensor(targets, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64))
@@ -125,7 +133,7 @@ def _with_extras(shared: Calibration, cells: Sequence[Record]) -> Calibration:
         rows, targets, weights = [], [], []
         for res in residuals([r for r in cells if r.optimizer == name], shared):
             t = estimate.terms(res.record.model, workloads.get(res.record.workload), res.record.dtype)
-            raw = estimate.working_set(t) if optim.forward_only(optim.get(name)) else estimate.saved(t)
+            raw = estimate.forward_peak(t) if optim.forward_only(optim.get(name)) else estimate.backward_start(t)
             rows.append([raw, predict(res.record, shared).worst.weights])
             targets.append(res.measured - res.predicted)
             weights.append(1.0 / res.measured)

@@ -37,13 +37,18 @@ DEVICE_KINDS = ("cpu", "cuda")
 PROBE = {"cpu": "cpu_hwm", "cuda": "nvml"}
 CALIBRATION_DIR = resources.files("zomem") / "calibration"
 
-#: tensors of T×H elements alive at once in a pre-LN decoder layer under no_grad: the layer input, the
-#: residual sum, the FFN LayerNorm output, fc1's output and ReLU's output (4H each)
-LAYER_WORKING_SET = 11
-#: tensors of T×H elements autograd saves per decoder layer: LayerNorm inputs (2), the shared q/k/v
-#: input, q, k, v and the attention output (sdpa saves them), out_proj's contiguous input, fc1's input and
-#: ReLU's output (4H, shared with fc2)
-SAVED_PER_LAYER = 13
+#: tensors of T×H elements alive at once in a decoder layer under no_grad, at its peak (ReLU): the layer input
+#: (the caller holds it), the residual sum, fc1's output and ReLU's output (4H each). Counted with a dispatch
+#: mode on opt-125m and opt-350m layers.
+LAYER_WORKING_SET = 10
+#: tensors of T×H elements autograd saves per decoder layer: both LayerNorm inputs, the q/k/v input, q, k, v
+#: and the attention output (sdpa saves them; out_proj's input is a view of the output), fc1's input and
+#: ReLU's output (4H, shared with fc2). Counted with saved-tensor hooks on opt-125m: 12.2, the rest being
+#: LayerNorm statistics and the attention's log-sum-exp.
+SAVED_PER_LAYER = 12
+#: float32 copies of the target positions' logits that the loss holds at once beside the logits: the
+#: log_softmax output and nll_loss's contiguous copy of it, plus the float copy of half-precision logits
+LOSS_COPIES = {4: 2, 2: 3}
 #: accelerate must not split a decoder layer across devices (it has a residual connection)
 NO_SPLIT = ["OPTDecoderLayer"]
 FLOAT32_BYTES = 4
@@ -190,12 +195,18 @@ def resolve_precision(optimizer: str, dtype: str, precision: str | None = None) 
 
 @dataclass(frozen=True)
 class Terms:
-    """The bytes of one device's parts, before calibration multipliers."""
+    """The bytes of one device's transient parts, before calibration multipliers."""
 
+    #: one decoder layer under no_grad
     layer_working_set: int
+    #: the logits of every position (OPT computes them all), in the model's dtype
     logits: int
+    #: the loss's temporaries beside the logits (generation and multiple choice; classification reads two words)
     loss: int
+    #: every decoder layer's saved activations
     activations: int
+    #: the tied embedding / LM head's gradient: the first gradient backward makes, while the logits' is alive
+    head_gradient: int
 
 
 def terms(model: str, workload: workloads.Workload, dtype: str, batch_size: int | None = None) -> Terms:
@@ -207,17 +218,15 @@ def terms(model: str, workload: workloads.Workload, dtype: str, batch_size: int 
     width = models.dtype(dtype).itemsize
     sequences = (batch_size or workload.batch_size) * workload.candidates
     tokens = sequences * workload.seq_len
-    logits = tokens * spec.vocab * width
-    # Generation and multiple choice take log_softmax over the target positions in float32 (a float copy
-    # first, unless the logits already are float32); classification reads two label words only.
     loss = 0
     if workload.loss != "classification":
-        loss = sequences * workload.targets * spec.vocab * FLOAT32_BYTES * (1 if width == FLOAT32_BYTES else 2)
+        loss = LOSS_COPIES[width] * sequences * workload.targets * spec.vocab * FLOAT32_BYTES
     return Terms(
         layer_working_set=LAYER_WORKING_SET * tokens * spec.hidden * width,
-        logits=logits,
+        logits=tokens * spec.vocab * width,
         loss=loss,
         activations=SAVED_PER_LAYER * spec.layers * tokens * spec.hidden * width,
+        head_gradient=spec.vocab * (spec.embed_dim or spec.hidden) * width,
     )
 
 
@@ -227,22 +236,36 @@ def working_set(t: Terms, *, layers: bool = True, head: bool = True) -> int:
     return max(t.layer_working_set if layers else 0, t.logits + t.loss if head else 0)
 
 
-def saved(t: Terms) -> int:
-    """Backprop, uncalibrated: every layer's saved activations, plus the logits and loss with their gradients."""
-    return t.activations + 2 * (t.logits + t.loss)
+def forward_peak(t: Terms, *, layers: bool = True, head: bool = True) -> int:
+    """The forward pass's own peak, without the loss: what a method that carries more per activation (a JVP's
+    tangents, say) multiplies."""
+    return max(t.layer_working_set if layers else 0, t.logits if head else 0)
 
 
-def transient(t: Terms, calibration: Calibration, optimizer: str, weight_bytes: float, *, backprop: bool,
-              layers: bool = True, head: bool = True) -> float:
-    """A device's calibrated transient: the shared multipliers on the analytic terms, plus the optimizer's own
-    extras (``scale`` times more of the analytic transient, ``copies`` of the weights the device holds)."""
+def backward_start(t: Terms) -> int:
+    """Backprop, uncalibrated: what is alive besides the weights and state when backward begins: every layer's
+    activations and the logits' gradient, with the loss's temporaries or the head's gradient, whichever is larger."""
+    return t.activations + t.logits + max(t.loss, t.head_gradient)
+
+
+def transient(t: Terms, calibration: Calibration, optimizer: str, weight_bytes: float, gradient_bytes: float = 0,
+              *, backprop: bool, layers: bool = True, head: bool = True) -> float:
+    """A device's calibrated transient beyond its weights, state and gradients, plus the optimizer's own extras
+    (``scale`` times more of the forward pass's peak or of what backward begins with, ``copies`` of the weights
+    the device holds).
+
+    Backprop peaks either when backward begins or, once the gradients outweigh what backward frees, at its
+    end with every gradient made; the transient is what the first exceeds the gradients by, if anything.
+    """
     extra = calibration.optimizers.get(optimizer, {})
     if backprop:
-        raw = saved(t)
-        shared = calibration.activation_scale * t.activations + calibration.logits_scale * 2 * (t.logits + t.loss)
+        raw = backward_start(t)
+        alive = (calibration.activation_scale * t.activations + calibration.logits_scale * t.logits
+                 + max(t.loss, t.head_gradient))
+        shared = max(alive - gradient_bytes, 0.0)
     else:
-        raw = working_set(t, layers=layers, head=head)
-        shared = calibration.forward_scale * raw
+        raw = forward_peak(t, layers=layers, head=head)
+        shared = calibration.forward_scale * working_set(t, layers=layers, head=head)
     return shared + extra.get("scale", 0.0) * raw + extra.get("copies", 0.0) * weight_bytes
 
 
@@ -307,7 +330,7 @@ def _single(model: str, optimizer: str, work: workloads.Workload, dtype: str, pr
     weight_bytes = s.params * w
     backprop = not optim.forward_only(optim.get(optimizer))
     zbuf = zo_buffer_bytes(optimizer, s, dtype, kind)
-    part = transient(t, calibration, optimizer, weight_bytes, backprop=backprop) + zbuf
+    part = transient(t, calibration, optimizer, weight_bytes, s.params * g, backprop=backprop) + zbuf
     return DevicePeak(weights=round(weight_bytes), optimizer_state=round(s.params * st),
                       gradients=round(s.params * g), transient=round(part), overhead=calibration.overhead_bytes)
 
@@ -397,7 +420,7 @@ def _fsdp(model: str, optimizer: str, work: workloads.Workload, dtype: str, prec
     w, st, g = persistent_per_param(optimizer, dtype, prec)
     t = terms(model, work, dtype, batch_size=math.ceil(work.batch_size / gpus))
     gathered = (s.root_params + 2 * s.layer_params) * w + (s.root_params + s.layer_params) * g
-    part = transient(t, calibration, optimizer, s.params * w / gpus, backprop=True) + gathered
+    part = transient(t, calibration, optimizer, s.params * w / gpus, s.params * g / gpus, backprop=True) + gathered
     peak = DevicePeak(weights=round(s.params * w / gpus), optimizer_state=round(s.params * st / gpus),
                       gradients=round(s.params * g / gpus), transient=round(part),
                       overhead=calibration.overhead_bytes)

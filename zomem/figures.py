@@ -22,9 +22,12 @@ PHASE_COLOURS = {"forward": "#4C72B0", "backward": "#C44E52", "perturb": "#55A86
 MARKERS = "osD^v<>pPX*h"
 
 
-def _colours(names: Sequence[str]) -> dict[str, tuple[float, ...]]:
-    cmap = plt.get_cmap("tab20" if len(names) > 10 else "tab10")
-    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+#: twelve colours that stay apart (tab10 and two more), so each built-in optimizer has its own
+PALETTE = [*plt.get_cmap("tab10").colors, "black", "gold"]
+
+
+def _colours(names: Sequence[str]) -> dict[str, object]:
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
 
 
 def _size_label(model: str) -> str:

@@ -182,8 +182,8 @@ def largest_fit(fits: Sequence[Fit], hardware: Sequence[str], optimizers: Sequen
     sample = fits[0] if fits else None
     notes = ["(m): measured, (p): predicted by the estimator; none: not even the smallest OPT fits."]
     if sample is not None:
-        notes.append(f"Workload {sample.workload}; {sample.dtype} weights for forward-only methods, mixed-precision "
-                     "for first-order ones (half weights and gradients, float32 master weights and moments).")
+        notes.append(f"Workload {sample.workload}, {sample.dtype} weights (first-order methods: "
+                     f"{'mixed precision' if sample.dtype != 'float32' else 'float32 throughout'}).")
     return Table("largest_fit", "Largest OPT that fits", ["hardware", *optimizers], rows,
                  ["hardware", "optimizer", "model", "source"], long, notes)
 
@@ -261,6 +261,11 @@ def _settings(records: Sequence[Record], settings: Settings) -> list[str]:
         f"- Each cell runs in a fresh child process: probe baseline → build the model (random weights) → build the "
         f"batch → {warm} → peaks reset → {settings.steps} measured step(s) → readings.",
     ]
+    thresholds = {r.env.get("malloc_mmap_threshold") for r in records if r.env}
+    if settings.device == "cpu" and thresholds - {None}:
+        lines.append(f"- Each CPU child ran with glibc's mmap threshold frozen at {', '.join(sorted(thresholds - {None}))} "
+                     "bytes (`MALLOC_MMAP_THRESHOLD_`, set by the harness): freed tensors go back to the OS instead of "
+                     "lingering in the heap by amounts that vary from run to run, so the peaks are reproducible.")
     if settings.device == "cpu" and settings.steps < 2:
         lines.append(
             "- CPU default: one measured step per cell, after a warm-up step on one example. A warm-up step is "
@@ -333,11 +338,11 @@ def index(records: Sequence[Record], tables: Sequence[Table], fits: Sequence[Fit
               "## Settings", "", *_settings(records, settings), "",
               f"## {peak.title}", "", peak.markdown(), f"## {step.title}", "", step.markdown(),
               "## Largest OPT that fits", "", fit_table.markdown(),
-              "Defaults of this table (SPEC §6): workload multirc (batch 1, about 400 tokens, the MeZO paper's "
-              "memory setting); float16 weights for forward-only methods; mixed-precision AdamW/SGD for "
-              "first-order ones (float16 weights and gradients, float32 master weights and moments); hardware rows "
-              "1/2/4/8 × A100-80GB and 1/2/4/8 × V100-32GB. Cells not measured on such hardware are predicted, "
-              "and marked (p).", "",
+              "Defaults of this table: workload multirc (batch 1, about 400 tokens: the MeZO paper's memory "
+              "setting); float16 weights for forward-only methods; mixed precision for first-order ones (float16 "
+              "weights and gradients, float32 master weights and moments); hardware rows 1/2/4/8 × A100-80GB and "
+              "1/2/4/8 × V100-32GB. A cell is measured only where `zomem fit --measure` ran on such a card "
+              "(recorded in fits.jsonl); every other cell is predicted, and marked (p).", "",
               "## Figures", ""]
     lines += [f"![{text}]({name}.png)\n\n{text[0].upper()}{text[1:]}.\n" for name, text in FIGURES.items()]
     lines += ["## Where every number comes from", "", *_sources(records, fits, calibration), "",
