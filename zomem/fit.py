@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
+
 from zomem import estimate, models
 from zomem.cell import Cell
 from zomem.errors import UsageError
@@ -185,10 +187,8 @@ def read(path: Path, workload: str, dtype: str) -> list[Fit]:
 
 def gpu_total_bytes(device: str, nvml: Any = None) -> int:
     """The memory of the GPU ``device`` names, read through NVML so that this (parent) process never initialises CUDA."""
-    import torch
-
     if nvml is None:
-        import pynvml as nvml
+        import pynvml as nvml  # only a GPU box has the driver NVML needs
     index = torch.cuda._get_nvml_device_index(torch.device(device).index or 0)
     nvml.nvmlInit()
     try:
