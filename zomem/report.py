@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import datetime
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -220,13 +221,14 @@ PROBES = {
 
 def write(folder: Path, records: Sequence[Record], fits: Sequence[Fit], hardware: Sequence[str],
           optimizers: Sequence[str], residuals: Sequence[Residual], calibration: estimate.Calibration,
-          settings: Settings, elapsed_s: float) -> list[Path]:
+          settings: Settings, elapsed_s: float, measured_now: int) -> list[Path]:
     """Write every table (Markdown, CSV, LaTeX) and ``index.md`` into ``folder``; return the paths."""
     tables = [peak_memory(records), step_time(records), largest_fit(fits, hardware, optimizers),
               residual_table(residuals)]
     paths = [path for table in tables for path in table.write(folder)]
     index_path = folder / "index.md"
-    index_path.write_text(index(records, tables, fits, residuals, calibration, settings, elapsed_s), encoding="utf-8")
+    text = index(records, tables, fits, residuals, calibration, settings, elapsed_s, measured_now)
+    index_path.write_text(text, encoding="utf-8")
     return [*paths, index_path]
 
 
@@ -244,9 +246,6 @@ def _machine(records: Sequence[Record]) -> list[str]:
         rows += [["GPU memory", ", ".join(f"{t / 2**30:.1f} GiB" for t in sorted(total))],
                  ["driver", _values(measured, "driver")], ["CUDA", _values(measured, "cuda")]]
     rows += [[name, _values(measured, name)] for name in ("python", "torch", "transformers", "zomem", "git_commit")]
-    times = sorted(r.time for r in records if r.time)
-    if times:
-        rows.append(["measured", f"{times[0]} to {times[-1]} (UTC)"])
     return [tabulate(rows, headers=["", ""], tablefmt="github", disable_numparse=True)]
 
 
@@ -316,8 +315,16 @@ def _sources(records: Sequence[Record], fits: Sequence[Fit], calibration: estima
     return lines
 
 
+def _span(records: Sequence[Record]) -> str:
+    times = sorted(datetime.datetime.fromisoformat(r.time) for r in records if r.time)
+    if not times:
+        return "no measurement times recorded"
+    minutes = (times[-1] - times[0]).total_seconds() / 60
+    return f"measured from {times[0]:%Y-%m-%d %H:%M} to {times[-1]:%H:%M} UTC (first to last record: {minutes:.1f} minutes)"
+
+
 def index(records: Sequence[Record], tables: Sequence[Table], fits: Sequence[Fit], residuals: Sequence[Residual],
-          calibration: estimate.Calibration, settings: Settings, elapsed_s: float) -> str:
+          calibration: estimate.Calibration, settings: Settings, elapsed_s: float, measured_now: int) -> str:
     """The report's front page: machine, versions, settings, every table and figure, and where each number comes from."""
     peak, step, fit_table, residual = tables
     model_names = ", ".join(dict.fromkeys(r.model for r in records))
@@ -328,7 +335,8 @@ def index(records: Sequence[Record], tables: Sequence[Table], fits: Sequence[Fit
     lines = [f"# zomem report: {model_names}, {len(optimizers)} optimizers, {workload_names} on {settings.device}", "",
              f"{len(records)} cells ({len(records) - len(failed)} ok"
              + (f", {len(failed)} not: {', '.join(f'{r.optimizer}/{r.workload} {r.status}' for r in failed)}"
-                if failed else "") + f"); this run of `zomem report` took {elapsed_s / 60:.1f} minutes.", ""]
+                if failed else "") + f"), {_span(records)}; the `zomem report` run that wrote this page measured "
+             f"{measured_now} of them and took {elapsed_s / 60:.1f} minutes.", ""]
     if worst is not None:
         w = worst.record
         lines += [f"**Estimator check: worst residual {100 * worst.relative:+.1f}%** ({w.model} {w.optimizer} "

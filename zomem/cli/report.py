@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from zomem import calibrate, fit, hardware, optim, report, sweep
+from zomem import calibrate, fit, hardware, optim, records, report, sweep
 from zomem.cell import resolve_device
 from zomem.cli.options import add_cell_options
 from zomem.estimate import Calibration
@@ -62,7 +62,10 @@ def main(args: argparse.Namespace) -> int:
     rows = [hardware.parse_row(text) for text in args.hardware]
     cells = sweep.plan(args.models, optimizers, args.workloads, chosen)
     args.out.mkdir(parents=True, exist_ok=True)
-    measured = sweep.run(cells, args.out / "records.jsonl", resume=args.resume, timeout=chosen.timeout)
+    records_path = args.out / "records.jsonl"
+    before = len(records.read(records_path)) if records_path.exists() else 0
+    measured = sweep.run(cells, records_path, resume=args.resume, timeout=chosen.timeout)
+    measured_now = len(records.read(records_path)) - before
 
     fits = fit.read(args.out / "fits.jsonl", args.fit_workload, args.fit_dtype)
     known = {(f.hardware, f.optimizer) for f in fits}
@@ -79,7 +82,7 @@ def main(args: argparse.Namespace) -> int:
     written += figures.save(figures.step_breakdown(measured), args.out, "step_breakdown")
     written += report.write(args.out, measured, fits, [row.name for row in rows], optimizers,
                             calibrate.residuals(measured, calibration), calibration, chosen,
-                            elapsed_s=time.monotonic() - started)
+                            elapsed_s=time.monotonic() - started, measured_now=measured_now)
     print(report.peak_memory(measured).markdown())
     print(f"report: {args.out / 'index.md'} ({len(written) + 1} files with records.jsonl)")
     return 0
