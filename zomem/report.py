@@ -250,15 +250,16 @@ def _machine(records: Sequence[Record]) -> list[str]:
 
 
 def _settings(records: Sequence[Record], settings: Settings) -> list[str]:
-    warm = f"{settings.warmup} warm-up step(s)"
+    plural = lambda n, word: f"{n} {word}" + ("" if n == 1 else "s")  # noqa: E731
+    warm = plural(settings.warmup, "warm-up step")
     if settings.warmup_batch:
-        warm += f" on the first {settings.warmup_batch} example(s) of the batch"
+        warm += f" on the first {plural(settings.warmup_batch, 'example')} of the batch"
     lines = [
         f"- Device `{settings.device}`, dtype `{settings.dtype}`, tuning `{settings.tuning}`; optimizer "
         "hyper-parameters: " + (", ".join(f"`{k}={v}`" for k, v in settings.hparams.items()) or "each optimizer's "
                                 "defaults") + " (every record's `hparams` lists them all).",
         f"- Each cell runs in a fresh child process: probe baseline → build the model (random weights) → build the "
-        f"batch → {warm} → peaks reset → {settings.steps} measured step(s) → readings.",
+        f"batch → {warm} → peaks reset → {plural(settings.steps, 'measured step')} → readings.",
     ]
     thresholds = {r.env.get("malloc_mmap_threshold") for r in records if r.env}
     if settings.device == "cpu" and thresholds - {None}:
