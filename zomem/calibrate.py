@@ -36,7 +36,8 @@ class Residual:
 
 
 def modelled(record: Record, kind: str) -> bool:
-    """Whether the estimator models ``record``: an ok, fully tuned cell of this device kind, state in the weights' dtype."""
+    """Whether the estimator models ``record``: an ok, fully tuned cell of this device kind, state in the weights'
+    dtype."""
     if record.status != "ok" or record.tuning != "full" or record.device.split(":")[0] != kind:
         return False
     if record.model not in models.MODELS or estimate.PROBE[kind] not in record.peak_bytes:
@@ -123,7 +124,8 @@ def _fit_shared(cells: Sequence[Record], kind: str) -> Calibration:
 
 
 def _extra_bytes(record: Record, calibration: Calibration) -> int:
-    return predict(record, calibration).peak_bytes - predict(record, dataclasses.replace(calibration, optimizers={})).peak_bytes
+    shared = dataclasses.replace(calibration, optimizers={})
+    return predict(record, calibration).peak_bytes - predict(record, shared).peak_bytes
 
 
 def _with_extras(shared: Calibration, cells: Sequence[Record]) -> Calibration:

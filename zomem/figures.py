@@ -43,7 +43,8 @@ def memory_vs_size(records: Sequence[Record], calibration: estimate.Calibration,
     dtype, tuning = records[0].dtype, records[0].tuning
     colours = _colours(optimizers)
     # the ladder, plus any measured model off it (the test configs), smallest first
-    ladder = sorted({spec.name for spec in models.LADDER} | {r.model for r in ok}, key=lambda m: estimate.shape(m).params)
+    ladder = sorted({spec.name for spec in models.LADDER} | {r.model for r in ok},
+                    key=lambda m: estimate.shape(m).params)
     sizes = [estimate.shape(name).params for name in ladder]
     fig, axes = plt.subplots(1, len(workload_names), figsize=(5.2 * len(workload_names) + 2.6, 5.4),
                              sharey=True, squeeze=False, layout="constrained")

@@ -167,7 +167,8 @@ def append(path: Path, result: Fit) -> None:
 
 
 def read(path: Path, workload: str, dtype: str) -> list[Fit]:
-    """The fits in ``path`` (if it exists) made for ``workload`` and ``dtype``; the latest per hardware and optimizer."""
+    """The fits in ``path`` (if it exists) made for ``workload`` and ``dtype``: the latest per hardware and
+    optimizer."""
     if not path.exists():
         return []
     latest: dict[tuple[str, str], Fit] = {}
@@ -186,7 +187,8 @@ def read(path: Path, workload: str, dtype: str) -> list[Fit]:
 
 
 def gpu_total_bytes(device: str, nvml: Any = None) -> int:
-    """The memory of the GPU ``device`` names, read through NVML so that this (parent) process never initialises CUDA."""
+    """The memory of the GPU ``device`` names, read through NVML so that this (parent) process never initialises
+    CUDA."""
     if nvml is None:
         import pynvml as nvml  # only a GPU box has the driver NVML needs
     index = torch.cuda._get_nvml_device_index(torch.device(device).index or 0)

@@ -75,7 +75,8 @@ def gpu(name: str) -> Gpu:
         except ValueError:
             gib = -1.0
         if not label or gib <= 0:
-            raise UsageError(f"cannot read the GPU {name!r}: a user GPU is NAME:GiB with a positive size, e.g. A6000:48")
+            raise UsageError(f"cannot read the GPU {name!r}: a user GPU is NAME:GiB with a positive size, "
+                             "e.g. A6000:48")
         return Gpu(name, int(gib * GIB))  # named with its size, so the row reads back the same
     return GPUS.get(name)
 

@@ -263,7 +263,8 @@ def _settings(records: Sequence[Record], settings: Settings) -> list[str]:
     ]
     thresholds = {r.env.get("malloc_mmap_threshold") for r in records if r.env}
     if settings.device == "cpu" and thresholds - {None}:
-        lines.append(f"- Each CPU child ran with glibc's mmap threshold frozen at {', '.join(sorted(thresholds - {None}))} "
+        frozen = ", ".join(sorted(thresholds - {None}))
+        lines.append(f"- Each CPU child ran with glibc's mmap threshold frozen at {frozen} "
                      "bytes (`MALLOC_MMAP_THRESHOLD_`, set by the harness): freed tensors go back to the OS instead of "
                      "lingering in the heap by amounts that vary from run to run, so the peaks are reproducible.")
     if settings.device == "cpu" and settings.steps < 2:
@@ -321,12 +322,14 @@ def _span(records: Sequence[Record]) -> str:
     if not times:
         return "no measurement times recorded"
     minutes = (times[-1] - times[0]).total_seconds() / 60
-    return f"measured from {times[0]:%Y-%m-%d %H:%M} to {times[-1]:%H:%M} UTC (first to last record: {minutes:.1f} minutes)"
+    return (f"measured from {times[0]:%Y-%m-%d %H:%M} to {times[-1]:%H:%M} UTC (first to last record: "
+            f"{minutes:.1f} minutes)")
 
 
 def index(records: Sequence[Record], tables: Sequence[Table], fits: Sequence[Fit], residuals: Sequence[Residual],
           calibration: estimate.Calibration, settings: Settings, elapsed_s: float, measured_now: int) -> str:
-    """The report's front page: machine, versions, settings, every table and figure, and where each number comes from."""
+    """The report's front page: machine, versions, settings, every table and figure, and where each number comes
+    from."""
     peak, step, fit_table, residual = tables
     model_names = ", ".join(dict.fromkeys(r.model for r in records))
     optimizers = list(dict.fromkeys(r.optimizer for r in records))

@@ -85,13 +85,18 @@ def compute(args: argparse.Namespace) -> list[Fit]:
     return results
 
 
+def _peak(trial: fit.Trial) -> str:
+    if trial.peak_bytes is None:
+        return str(trial.detail.get("status", ""))
+    offloaded = f" ({trial.detail['offloaded']} modules offloaded)" if trial.detail.get("offloaded") else ""
+    return f"{trial.peak_bytes / GIB:,.2f} GiB{offloaded}"
+
+
 def render(results: list[Fit]) -> str:
     """One line per fit: the answer and every model tried with its peak."""
     rows = []
     for f in results:
-        tried = ", ".join(f"{t.model} {'fits' if t.fits else 'no'} "
-                          + (f"{t.peak_bytes / GIB:,.2f} GiB" if t.peak_bytes is not None else t.detail.get("status", ""))
-                          for t in f.trials)
+        tried = ", ".join(f"{t.model} {'fits' if t.fits else 'no'} " + _peak(t) for t in f.trials)
         rows.append([f.hardware, f.optimizer, f.answer or "none", f.source, tried])
     return tabulate(rows, headers=["hardware", "optimizer", "largest fit", "source", "models tried (peak per GPU)"],
                     tablefmt="github", disable_numparse=True)
