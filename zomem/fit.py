@@ -114,12 +114,7 @@ def measure(cell: Cell, limit_bytes: int, label: str, run: RunCell, *, ladder: S
     ``cell`` is the template (its model is replaced along the ladder); on a GPU it should carry
     ``memory_cap_bytes`` so the allocator stops where the emulated card would. ``guess`` seeds the search.
     """
-    kind = estimate.device_kind(cell.device)
-    probe = estimate.PROBE[kind]
-    precision = estimate.resolve_precision(cell.optimizer, cell.dtype)
-    if precision == "mixed":
-        raise UsageError(f"a measured cell runs every tensor in {cell.dtype}; mixed-precision {cell.optimizer} can "
-                         "only be predicted (use --predict, or --dtype float32)")
+    probe = estimate.PROBE[estimate.device_kind(measurable(cell).device)]
     trials: dict[int, Trial] = {}
 
     def fits(i: int) -> bool:
@@ -134,8 +129,17 @@ def measure(cell: Cell, limit_bytes: int, label: str, run: RunCell, *, ladder: S
 
     first = list(ladder).index(guess) if guess in ladder else None
     found = search(len(ladder), fits, first)
-    return Fit(label, cell.optimizer, cell.workload, cell.dtype, precision, "measured", limit_bytes,
+    return Fit(label, cell.optimizer, cell.workload, cell.dtype, "pure", "measured", limit_bytes,
                ladder[found] if found >= 0 else None, [trials[i] for i in sorted(trials)])
+
+
+def measurable(cell: Cell) -> Cell:
+    """``cell``, if a cell can measure what a fit of it means: a half-precision first-order method is trained in
+    mixed precision, which a cell (every tensor in one dtype) does not run."""
+    if estimate.resolve_precision(cell.optimizer, cell.dtype) == "mixed":
+        raise UsageError(f"a measured cell runs every tensor in {cell.dtype}; mixed-precision {cell.optimizer} can "
+                         "only be predicted (use --predict, or --dtype float32)")
+    return cell
 
 
 def guess(limit_bytes: int, optimizer: str, workload: str, dtype: str, device: str,

@@ -62,27 +62,27 @@ def compute(args: argparse.Namespace) -> list[Fit]:
     if args.precision is not None:
         raise UsageError("a measured fit runs every tensor in --dtype; --precision is for predictions")
     device = resolve_device(args.device)
-    run = functools.partial(run_cell, out=args.records)
     steps = {k: v for k, v in sweep.defaults(device).items() if k != "steps"}
-    results = []
-    for optimizer in args.optimizer:
-        template = Cell(args.models[0], optimizer, args.workload, dtype=args.dtype, device=device, steps=1, **steps)
-        template = template.validated()
-        if device == "cpu":
-            if args.budget is None:
-                raise UsageError("--measure on CPU needs a memory budget, e.g. --budget 2GiB")
-            guess = fit.guess(args.budget, optimizer, args.workload, args.dtype, "cpu", args.models)
-            results.append(fit.measure(template, args.budget, f"cpu budget {args.budget / GIB:.3g} GiB", run,
-                                       ladder=args.models, guess=guess))
-            continue
-        if args.budget is not None:
-            raise UsageError("--budget is for CPU; on a GPU each --hardware card is emulated with a memory cap")
-        total = fit.gpu_total_bytes(device)
-        for row in map(hardware.parse_row, args.hardware):
-            cell = fit.gpu_cell(row, template, total)
-            guess = fit.predict(row, optimizer, args.workload, args.dtype, ladder=args.models, precision="pure").answer
-            results.append(fit.measure(cell, row.gpu.memory_bytes, row.name, run, ladder=args.models, guess=guess))
-    return results
+    # Everything is checked before the first cell runs: a bad row or optimizer must not cost an hour of trials.
+    templates = [fit.measurable(Cell(args.models[0], o, args.workload, dtype=args.dtype, device=device, steps=1,
+                                     **steps).validated()) for o in args.optimizer]
+    run = functools.partial(run_cell, out=args.records)
+    if device == "cpu":
+        if args.budget is None:
+            raise UsageError("--measure on CPU needs a memory budget, e.g. --budget 2GiB")
+        label = f"cpu budget {args.budget / GIB:.3g} GiB"
+        return [fit.measure(t, args.budget, label, run, ladder=args.models,
+                            guess=fit.guess(args.budget, t.optimizer, args.workload, args.dtype, "cpu", args.models))
+                for t in templates]
+    if args.budget is not None:
+        raise UsageError("--budget is for CPU; on a GPU each --hardware card is emulated with a memory cap")
+    total = fit.gpu_total_bytes(device)
+    rows = [hardware.parse_row(text) for text in args.hardware]
+    cells = [(row, fit.gpu_cell(row, t, total)) for t in templates for row in rows]
+    return [fit.measure(cell, row.gpu.memory_bytes, row.name, run, ladder=args.models,
+                        guess=fit.predict(row, cell.optimizer, args.workload, args.dtype, ladder=args.models,
+                                          precision="pure").answer)
+            for row, cell in cells]
 
 
 def _peak(trial: fit.Trial) -> str:
