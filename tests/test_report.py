@@ -17,7 +17,8 @@ from zomem.measure import record_for
 from zomem.records import Record
 
 MIB = 2**20
-FILES = [f"{name}.{ext}" for name in ("peak_memory", "step_time", "largest_fit") for ext in ("md", "csv", "tex")]
+FILES = [f"{name}.{ext}" for name in ("peak_memory", "memory_breakdown", "step_time", "largest_fit")
+         for ext in ("md", "csv", "tex")]
 FILES += ["memory_vs_size.png", "memory_vs_size.svg", "step_breakdown.png", "step_breakdown.svg", "records.jsonl",
           "index.md"]
 
@@ -47,6 +48,19 @@ def test_peak_memory_table_shows_mib_and_the_ratio_to_mezo() -> None:
     markdown = table.markdown()
     assert markdown.splitlines()[1].startswith("|---") and "cpu_hwm" in markdown
     assert "\\toprule" in table.latex() and "cpu\\_hwm" in table.latex()
+
+
+def test_memory_breakdown_lists_each_measured_cell_with_its_state_in_copies_of_the_trainable_parameters() -> None:
+    adam = measured("adam", "sst2", 1000, [3.0])
+    adam.trainable_params, adam.state_dtype, adam.breakdown_probe = 25 * MIB, "float32", "cpu_hwm"
+    adam.breakdown = {"weights": 100 * MIB, "trainable": 100 * MIB, "optimizer_state": 200 * MIB,
+                      "gradients": 100 * MIB, "transient": 350 * MIB}
+    table = report.memory_breakdown([adam, RECORDS[3]])
+    assert table.rows == [["adam", "sst2", "full", f"{25 * MIB:,}", "100.0", "200.0 (2.00P)", "100.0", "350.0",
+                           "1,000", "float32"]]
+    [row] = csv.DictReader(io.StringIO(table.csv()))
+    assert row["optimizer_state_copies"] == "2.0" and row["peak_bytes"] == str(1000 * MIB)
+    assert "`cpu_hwm`" in table.notes[0]
 
 
 def test_step_time_table_shows_median_iqr_and_forwards() -> None:

@@ -127,6 +127,36 @@ def peak_memory(records: Sequence[Record], baseline: str = BASELINE) -> Table:
                   f"ratio_to_{baseline}"], long, notes)
 
 
+def memory_breakdown(records: Sequence[Record]) -> Table:
+    """One row per measured cell: what was trained, and the peak split into weights, optimizer state (also in copies
+    P of the trainable parameters), gradients and the transient rest."""
+    several = len({r.model for r in records}) > 1
+    rows, long = [], []
+    for r in records:
+        if r.status != "ok" or not r.breakdown:
+            continue
+        b, probe = r.breakdown, r.breakdown_probe or primary_probe(r)
+        copies = b["optimizer_state"] / b["trainable"] if b.get("trainable") else 0.0
+        rows.append([*_row_label(r.model, r.optimizer, several), r.workload, r.tuning, f"{r.trainable_params:,}",
+                     f"{b['weights'] / MIB:,.1f}", f"{b['optimizer_state'] / MIB:,.1f} ({copies:.2f}P)",
+                     f"{b['gradients'] / MIB:,.1f}", f"{b['transient'] / MIB:,.1f}",
+                     f"{r.peak_bytes[probe] / MIB:,.0f}", r.state_dtype or MISSING])
+        long.append([r.model, r.optimizer, r.workload, r.tuning, r.trainable_params, b["weights"],
+                     b["optimizer_state"], round(copies, 4), b["gradients"], b["transient"], probe,
+                     r.peak_bytes[probe], r.state_dtype or ""])
+    probes = ", ".join(f"`{p}`" for p in dict.fromkeys(row[10] for row in long))
+    notes = [f"Peak and breakdown from {probes or 'no probe'}. P: one copy of the trainable parameters in their "
+             "dtype. Optimizer state is summed from the optimizer's state tensors; transient = peak − floor − "
+             "weights − optimizer state − gradients, the floor being the probe's reading before the model was built "
+             "on CPU (zero on a GPU)."]
+    return Table("memory_breakdown", "Memory breakdown, MiB",
+                 [*(["model"] if several else []), "optimizer", "workload", "tuning", "trainable params", "weights",
+                  "optimizer state", "gradients", "transient", "peak", "state dtype"], rows,
+                 ["model", "optimizer", "workload", "tuning", "trainable_params", "weights_bytes",
+                  "optimizer_state_bytes", "optimizer_state_copies", "gradients_bytes", "transient_bytes", "probe",
+                  "peak_bytes", "state_dtype"], long, notes)
+
+
 def _probe_words(probes: Sequence[str]) -> str:
     words = {"cpu_hwm": "the whole process's resident high-water mark, interpreter and libraries included",
              "nvml": "GPU memory as the driver counts it, CUDA context and allocator cache included"}
@@ -223,8 +253,8 @@ def write(folder: Path, records: Sequence[Record], fits: Sequence[Fit], hardware
           optimizers: Sequence[str], residuals: Sequence[Residual], calibration: estimate.Calibration,
           settings: Settings, elapsed_s: float, measured_now: int) -> list[Path]:
     """Write every table (Markdown, CSV, LaTeX) and ``index.md`` into ``folder``; return the paths."""
-    tables = [peak_memory(records), step_time(records), largest_fit(fits, hardware, optimizers),
-              residual_table(residuals)]
+    tables = [peak_memory(records), memory_breakdown(records), step_time(records),
+              largest_fit(fits, hardware, optimizers), residual_table(residuals)]
     paths = [path for table in tables for path in table.write(folder)]
     index_path = folder / "index.md"
     text = index(records, tables, fits, residuals, calibration, settings, elapsed_s, measured_now)
@@ -330,7 +360,7 @@ def index(records: Sequence[Record], tables: Sequence[Table], fits: Sequence[Fit
           calibration: estimate.Calibration, settings: Settings, elapsed_s: float, measured_now: int) -> str:
     """The report's front page: machine, versions, settings, every table and figure, and where each number comes
     from."""
-    peak, step, fit_table, residual = tables
+    peak, breakdown, step, fit_table, residual = tables
     model_names = ", ".join(dict.fromkeys(r.model for r in records))
     optimizers = list(dict.fromkeys(r.optimizer for r in records))
     workload_names = ", ".join(dict.fromkeys(r.workload for r in records))
@@ -348,7 +378,8 @@ def index(records: Sequence[Record], tables: Sequence[Table], fits: Sequence[Fit
                   "(#estimator-against-measurement).", ""]
     lines += ["## Files", "", *_files(tables), "", "## Machine and versions", "", *_machine(records), "",
               "## Settings", "", *_settings(records, settings), "",
-              f"## {peak.title}", "", peak.markdown(), f"## {step.title}", "", step.markdown(),
+              f"## {peak.title}", "", peak.markdown(), f"## {breakdown.title}", "", breakdown.markdown(),
+              f"## {step.title}", "", step.markdown(),
               "## Largest OPT that fits", "", fit_table.markdown(),
               "Defaults of this table: workload multirc (batch 1, about 400 tokens: the MeZO paper's memory "
               "setting); float16 weights for forward-only methods; mixed precision for first-order ones (float16 "
