@@ -1,9 +1,10 @@
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from zomem import records
+from zomem import measure, records
 from zomem.cell import Cell
 from zomem.errors import UsageError
 from zomem.harness import run_cell
@@ -75,3 +76,53 @@ def test_cuda_without_a_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(UsageError, match="no CUDA GPU"):
         Cell("opt-tiny", "mezo", "sst2", device="cuda").validated()
     assert Cell("opt-tiny", "mezo", "sst2").validated().device == "cpu"
+
+
+def test_a_bare_cuda_device_is_given_the_index_torch_cuda_setters_demand() -> None:
+    device = measure.torch_device("cuda")
+    assert device == torch.device("cuda", 0)
+    assert torch.cuda._utils._get_device_index(device) == 0  # what set_device and the memory cap call
+    with pytest.raises(ValueError, match="specified index"):
+        torch.cuda._utils._get_device_index(torch.device("cuda"))
+    assert measure.torch_device("cuda:2") == torch.device("cuda", 2) and measure.torch_device("cpu").index is None
+
+
+class _Built(Exception):
+    """Raised where the model would be built: the CUDA set-up before it is what the test looks at."""
+
+
+def test_a_cuda_cell_reads_its_baselines_before_its_first_cuda_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[object] = []
+
+    class Probe:
+        name = "nvml"
+
+        def reading(self) -> int:
+            calls.append("baseline")
+            return 0
+
+    def set_device(device: torch.device) -> None:
+        calls.append(("set_device", torch.cuda._utils._get_device_index(device)))
+
+    monkeypatch.setattr(measure.probes, "probes_for", lambda device: calls.append(("probes", str(device))) or [Probe()])
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction",
+                        lambda fraction, device: calls.append(("cap", fraction, str(device))))
+    monkeypatch.setattr(measure, "environment", lambda device: {})
+    monkeypatch.setattr(measure.models, "build", lambda *args: (_ for _ in ()).throw(_Built()))
+    with pytest.raises(_Built):
+        measure.prepare(Cell("opt-tiny", "mezo", "sst2", device="cuda", memory_cap_bytes=20 * 2**30))
+    assert calls == [("probes", "cuda:0"), "baseline", ("set_device", 0), ("cap", 0.25, "cuda:0")]
+
+
+@pytest.mark.parametrize("error,oom", [
+    (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (RuntimeError("CUDA error: out of memory\nCUDA kernel errors might be asynchronously reported"), True),
+    (RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"), True),
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory"), True),
+    (RuntimeError("CUDA error: an illegal memory access was encountered"), False),
+    (ValueError("out of memory"), False),
+])
+def test_out_of_memory_is_recognised_however_cuda_words_it(error: BaseException, oom: bool) -> None:
+    assert measure.is_oom(error) is oom

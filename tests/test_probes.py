@@ -109,11 +109,15 @@ def test_cpu_hwm_does_not_swallow_errors(cpu_probe: CpuHwm) -> None:
 
 
 class FakeNvml:
-    """Stands in for pynvml: device used memory and the process list are whatever the test sets."""
+    """Stands in for pynvml: device used memory and the process list are whatever the test sets; with processes None
+    the process query raises, as on old drivers and in some containers."""
+
+    class NVMLError(Exception):
+        pass
 
     def __init__(self, *, used: int = GiB, processes: dict[int, int | None] | None = None) -> None:
         self.used = used
-        self.processes = processes if processes is not None else {}
+        self.processes = processes
         self.init_error: Exception | None = None
         self.memory_error: Exception | None = None
         self.queries = 0
@@ -130,6 +134,8 @@ class FakeNvml:
         return ("gpu", index)
 
     def nvmlDeviceGetComputeRunningProcesses(self, handle: tuple[str, int]) -> list[SimpleNamespace]:
+        if self.processes is None:
+            raise self.NVMLError("Function Not Found")
         return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in self.processes.items()]
 
     def nvmlDeviceGetMemoryInfo(self, handle: tuple[str, int]) -> SimpleNamespace:
@@ -155,9 +161,10 @@ def test_nvml_uses_the_per_process_figure_when_our_pid_is_listed() -> None:
 
 
 @pytest.mark.parametrize(
-    "processes", [{4242: 3 * GiB}, {os.getpid(): None}], ids=["pid-absent", "used-memory-withheld"]
+    "processes", [{4242: 3 * GiB}, {os.getpid(): None}, None],
+    ids=["pid-absent", "used-memory-withheld", "process-query-refused"]
 )
-def test_nvml_falls_back_to_device_minus_baseline(processes: dict[int, int | None]) -> None:
+def test_nvml_falls_back_to_device_minus_baseline(processes: dict[int, int | None] | None) -> None:
     fake = FakeNvml(used=2 * GiB, processes=processes)
     probe = _nvml(fake, baseline_bytes=GiB)
     assert probe.reading() == 2 * GiB

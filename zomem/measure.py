@@ -40,11 +40,16 @@ def record_for(cell: Cell, **fields: Any) -> Record:
     )
 
 
+#: how out-of-memory reads where it is not torch.OutOfMemoryError: the CPU allocator, and CUDA failing outside the
+#: caching allocator (a kernel's lazy loading, cuBLAS workspaces)
+OOM_MESSAGES = ("can't allocate memory", "CUDA error: out of memory", "CUBLAS_STATUS_ALLOC_FAILED")
+
+
 def is_oom(exc: BaseException) -> bool:
     """Whether ``exc`` is an out-of-memory failure, on GPU or CPU."""
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    return isinstance(exc, RuntimeError) and any(message in str(exc) for message in OOM_MESSAGES)
 
 
 def git_commit() -> str | None:
@@ -201,21 +206,30 @@ class Prepared:
         )
 
 
+def torch_device(name: str) -> torch.device:
+    """``name`` as a torch device; a bare ``cuda`` is ``cuda:0``, the card CUDA numbers first (torch.cuda's
+    setters refuse a device without an index, and every probe must watch the same card)."""
+    device = torch.device(name)
+    return torch.device("cuda", 0) if device.type == "cuda" and device.index is None else device
+
+
 def prepare(cell: Cell) -> Prepared:
     """Take the baseline readings, then build the model, batch, optimizer and closure of ``cell`` here."""
-    device = torch.device(cell.device)
+    device = torch_device(cell.device)
     workload = workloads.get(cell.workload)
+    # Baselines come before the first CUDA call: nvml's device-minus-baseline figure must count this process's
+    # CUDA context, as the per-process figure does.
+    active = probes.probes_for(device)
+    baseline = {p.name: p.reading() for p in active}
+    for probe in active:
+        if isinstance(probe, probes.Nvml):
+            probe.baseline_bytes = baseline[probe.name]
     if device.type == "cuda":
         torch.cuda.set_device(device)
         if cell.memory_cap_bytes:
             total = torch.cuda.get_device_properties(device).total_memory
             torch.cuda.set_per_process_memory_fraction(min(1.0, cell.memory_cap_bytes / total), device)
     env = environment(device)
-    active = probes.probes_for(device)
-    baseline = {p.name: p.reading() for p in active}
-    for probe in active:
-        if isinstance(probe, probes.Nvml):
-            probe.baseline_bytes = baseline[probe.name]
 
     torch.manual_seed(0)
     model = models.apply_tuning(models.build(cell.model, device, models.dtype(cell.dtype)), cell.tuning)

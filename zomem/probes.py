@@ -231,7 +231,11 @@ class Nvml(Probe):
         return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
 
     def _process_bytes(self) -> int | None:
-        for process in self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle):
+        try:
+            running = self._nvml.nvmlDeviceGetComputeRunningProcesses(self._handle)
+        except self._nvml.NVMLError:
+            return None  # an older driver without this query, or a container not allowed it: fall back
+        for process in running:
             if process.pid == self.pid:
                 return process.usedGpuMemory  # None where the driver withholds it (some MIG, vGPU set-ups)
         return None  # our pid is not listed, e.g. inside a container's pid namespace
