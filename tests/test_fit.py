@@ -13,8 +13,9 @@ import pytest
 
 from zomem import fit, hardware, models, records
 from zomem.cell import Cell
+from zomem.cli import fit as fit_cli
 from zomem.cli import main as cli
-from zomem.errors import UsageError
+from zomem.errors import CellFailed, UsageError
 from zomem.hardware import GIB
 from zomem.measure import record_for
 from zomem.records import Record, RecordsError
@@ -134,6 +135,20 @@ def test_gpu_emulation_refuses_what_it_cannot_emulate() -> None:
         fit.gpu_cell(hardware.parse_row("1xH200-141GB"), template, 80 * GIB)
     with pytest.raises(UsageError, match="mixed-precision"):
         fit.measure(dataclasses.replace(template, optimizer="adam", dtype="float16"), GIB, "x", lambda c: None)
+
+
+def test_a_crashed_trial_stops_the_search_instead_of_counting_as_too_big() -> None:
+    template = Cell("opt-125m", "mezo", "multirc", dtype="float16", device="cuda", steps=1)
+    crashed = lambda cell: record_for(cell, status="error", error="Traceback …\nValueError: bad kernel")  # noqa: E731
+    with pytest.raises(CellFailed, match="opt-13b with mezo failed, so whether it fits is unknown.*bad kernel"):
+        fit.measure(template, 32 * GIB, "1xV100-32GB", crashed, guess="opt-13b")
+
+
+def test_measuring_without_rows_emulates_the_default_cards_this_gpu_can_hold() -> None:
+    assert [r.name for r in fit_cli.emulable(80 * GIB)] == ["1xA100-80GB", "1xV100-32GB"]
+    assert [r.name for r in fit_cli.emulable(81559 * 2**20)] == ["1xV100-32GB"]  # an H100 as its driver reports it
+    with pytest.raises(UsageError, match="can emulate none of the default rows"):
+        fit_cli.emulable(24 * GIB)
 
 
 def test_gpu_memory_is_read_through_nvml(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,3 +10,8 @@ class UnknownNameError(UsageError, KeyError):
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class CellFailed(RuntimeError):
+    """A cell whose child failed for a reason other than memory, where the command cannot go on without its answer:
+    reported as a message, exit status 1."""

@@ -17,7 +17,7 @@ import torch
 
 from zomem import estimate, models
 from zomem.cell import Cell
-from zomem.errors import UsageError
+from zomem.errors import CellFailed, UsageError
 from zomem.hardware import GIB, HardwareRow
 from zomem.records import Record, RecordsError
 
@@ -119,6 +119,11 @@ def measure(cell: Cell, limit_bytes: int, label: str, run: RunCell, *, ladder: S
 
     def fits(i: int) -> bool:
         record = run(dataclasses.replace(cell, model=ladder[i]))
+        if record.status == "error":
+            # A crash says nothing about memory; counting it as "does not fit" would shrink the answer silently.
+            last_line = (record.error or "no message").strip().splitlines()[-1]
+            raise CellFailed(f"{ladder[i]} with {cell.optimizer} failed, so whether it fits is unknown (its record "
+                             f"holds the child's stderr): {last_line}")
         peak = record.peak_bytes.get(probe) if record.status == "ok" else None
         ok = peak is not None and peak <= limit_bytes
         detail: dict[str, Any] = {"status": record.status, "probe": probe}

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from zomem.cli import calibrate, compare, estimate, fit, list_, overhead, report, run, trajectories
-from zomem.errors import UsageError
+from zomem.errors import CellFailed, UsageError
 from zomem.records import RecordsError
 
 COMMANDS = (run, report, estimate, fit, calibrate, list_, compare, trajectories, overhead)
@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, RecordsError) as exc:
         print(f"zomem {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except CellFailed as exc:
+        print(f"zomem {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"zomem {args.command}: interrupted; records written so far are kept", file=sys.stderr)
         return 130

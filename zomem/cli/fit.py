@@ -24,9 +24,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``zomem fit``."""
     parser = sub.add_parser("fit", help="find the largest OPT that fits given GPUs (or a CPU memory budget)",
                             description="Predict (default) or measure the largest ladder model whose step fits.")
-    parser.add_argument("--hardware", nargs="+", default=list(hardware.DEFAULT_ROWS), metavar="NxTYPE",
+    parser.add_argument("--hardware", nargs="+", default=None, metavar="NxTYPE",
                         help="GPU rows such as 1xA100-80GB, 8xV100-32GB or 2xMYCARD:48 (default: 1/2/4/8 x "
-                        "A100-80GB and V100-32GB)")
+                        "A100-80GB and V100-32GB; with --measure, those of them this GPU can emulate)")
     parser.add_argument("--optimizer", nargs="+", required=True, help="one or more optimizers")
     parser.add_argument("--workload", default=fit.DEFAULT_WORKLOAD, help="default: multirc")
     parser.add_argument("--dtype", default=fit.DEFAULT_DTYPE, choices=list(DTYPES),
@@ -56,7 +56,7 @@ def compute(args: argparse.Namespace) -> list[Fit]:
     if args.mode == "predict":
         if args.budget is not None:
             raise UsageError("--budget is for --measure on CPU; predictions are made for --hardware rows")
-        rows = [hardware.parse_row(text) for text in args.hardware]
+        rows = [hardware.parse_row(text) for text in args.hardware or hardware.DEFAULT_ROWS]
         return [fit.predict(row, o, args.workload, args.dtype, ladder=args.models, precision=args.precision)
                 for row in rows for o in args.optimizer]
     if args.precision is not None:
@@ -77,12 +77,22 @@ def compute(args: argparse.Namespace) -> list[Fit]:
     if args.budget is not None:
         raise UsageError("--budget is for CPU; on a GPU each --hardware card is emulated with a memory cap")
     total = fit.gpu_total_bytes(device)
-    rows = [hardware.parse_row(text) for text in args.hardware]
+    rows = [hardware.parse_row(text) for text in args.hardware] if args.hardware else emulable(total)
     cells = [(row, fit.gpu_cell(row, t, total)) for t in templates for row in rows]
     return [fit.measure(cell, row.gpu.memory_bytes, row.name, run, ladder=args.models,
                         guess=fit.predict(row, cell.optimizer, args.workload, args.dtype, ladder=args.models,
                                           precision="pure").answer)
             for row, cell in cells]
+
+
+def emulable(total_bytes: int) -> list[hardware.HardwareRow]:
+    """The default rows one GPU of ``total_bytes`` can emulate: single cards no larger than itself."""
+    rows = [hardware.parse_row(text) for text in hardware.DEFAULT_ROWS]
+    found = [row for row in rows if row.count == 1 and row.gpu.memory_bytes <= total_bytes]
+    if not found:
+        raise UsageError(f"this GPU ({total_bytes / GIB:.1f} GiB) can emulate none of the default rows; name one "
+                         "with --hardware, e.g. 1xV100-16GB or 1xMYCARD:24")
+    return found
 
 
 def _peak(trial: fit.Trial) -> str:
