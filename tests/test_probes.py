@@ -360,6 +360,47 @@ def test_phase_timer_recovers_after_an_error() -> None:
     assert set(timer.medians()) == {"update"}
 
 
+class FakeEvent:
+    """Stands in for torch.cuda.Event: records the fake stream's clock; reading one before it is synchronised fails."""
+
+    clock_ms = 0.0
+
+    def __init__(self, enable_timing: bool = False) -> None:
+        assert enable_timing
+        self.at_ms: float | None = None
+        self.synchronized = False
+
+    def record(self, stream: object) -> None:
+        self.at_ms = FakeEvent.clock_ms
+
+    def synchronize(self) -> None:
+        self.synchronized = True
+
+    def elapsed_time(self, end: FakeEvent) -> float:
+        assert end.synchronized and self.at_ms is not None and end.at_ms is not None
+        return end.at_ms - self.at_ms
+
+
+def test_phase_timer_on_cuda_brackets_phases_with_events_and_never_synchronises_inside_a_step(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(FakeEvent, "clock_ms", 0.0)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: "stream")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: pytest.fail("a phase synchronised the device"))
+    timer = PhaseTimer("cuda:0")
+    for step in range(3):
+        with timer.phase("perturb"):
+            FakeEvent.clock_ms += 10
+        with timer.phase("forward"):
+            FakeEvent.clock_ms += 100 + step
+            with timer.phase("perturb"):  # nested: stays with forward
+                FakeEvent.clock_ms += 5
+        with timer.phase("perturb"):
+            FakeEvent.clock_ms += 20
+        timer.end_step()
+    assert timer.medians() == pytest.approx({"perturb": 0.030, "forward": 0.106})
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("probe_type", [TorchAllocated, TorchReserved])
 def test_torch_probes_measure_a_known_allocation(probe_type: type[TorchAllocated | TorchReserved]) -> None:

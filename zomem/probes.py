@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import abc
 import contextlib
-import functools
 import os
 import statistics
 import threading
@@ -12,7 +11,7 @@ import time
 import types
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from typing import ClassVar, Self
+from typing import Any, ClassVar, Self
 
 import psutil
 import torch
@@ -289,12 +288,6 @@ def _timing_device(device: torch.device | str) -> torch.device:
     return device
 
 
-def _synchronizer(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return functools.partial(torch.cuda.synchronize, device)
-    return lambda: None
-
-
 class StepTimer:
     """Times steps: wall seconds per step, device synchronised at boundaries (CUDA events on GPU)."""
 
@@ -322,13 +315,27 @@ class StepTimer:
 
 
 class PhaseTimer:
-    """Accumulates per-phase seconds within steps; device synchronised at phase boundaries on CUDA."""
+    """Accumulates per-phase seconds within steps. On CUDA each phase is bracketed by events on the current stream,
+    read when the step ends, so timing phases adds no synchronisation inside a step."""
 
     def __init__(self, device: torch.device | str) -> None:
-        self._synchronize = _synchronizer(_timing_device(device))
+        self.device = _timing_device(device)
         self._in_phase = False
-        self._step: dict[str, float] = {}
+        self._spans: list[tuple[str, Any, Any]] = []  # (phase, start mark, end mark) within the current step
         self._steps: dict[str, list[float]] = {}
+
+    def _mark(self) -> Any:
+        if self.device.type == "cpu":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(torch.cuda.current_stream(self.device))
+        return event
+
+    def _seconds(self, start: Any, end: Any) -> float:
+        if self.device.type == "cpu":
+            return end - start
+        end.synchronize()
+        return start.elapsed_time(end) / 1000  # elapsed_time is in milliseconds
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
@@ -336,21 +343,22 @@ class PhaseTimer:
         if self._in_phase:
             yield  # the outer phase already owns this time; timing it again would count it twice
             return
-        self._synchronize()
-        start_s = time.perf_counter()
+        start = self._mark()
         self._in_phase = True
         try:
             yield
         finally:
             self._in_phase = False
-        self._synchronize()
-        self._step[name] = self._step.get(name, 0.0) + time.perf_counter() - start_s
+        self._spans.append((name, start, self._mark()))
 
     def end_step(self) -> None:
         """Closes the current step: each phase's total in it becomes one sample."""
-        for name, seconds in self._step.items():
+        totals: dict[str, float] = {}
+        for name, start, end in self._spans:
+            totals[name] = totals.get(name, 0.0) + self._seconds(start, end)
+        self._spans = []
+        for name, seconds in totals.items():
             self._steps.setdefault(name, []).append(seconds)
-        self._step = {}
 
     def medians(self) -> dict[str, float]:
         """Median over steps of each phase's per-step total seconds."""

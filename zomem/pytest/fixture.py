@@ -49,7 +49,7 @@ def time_steps(benchmark: BenchmarkFixture, cell: Cell) -> float | None:
     """
     from zomem.measure import prepare
 
-    # Phase timers synchronise the device inside the step; the benchmark times whole steps only.
+    # The benchmark times whole steps; per-phase times are the child's record's.
     prepared = prepare(dataclasses.replace(cell, phases=False))
     device = prepared.device
     synchronize = _synchronizer(device)
