@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -74,3 +75,14 @@ def test_list_names_every_registry(capsys) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in [*models.MODELS.names(), "mezo", "adam", "multirc", "custom:"])
+
+
+def test_a_reader_that_leaves_early_gets_no_traceback() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader has gone before the first line, as `zomem list | head -0` would
+    try:
+        child = subprocess.run([sys.executable, "-m", "zomem", "list"], stdout=write_end, stderr=subprocess.PIPE,
+                               text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert child.returncode == 141 and child.stderr == ""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from zomem.cli import calibrate, compare, estimate, fit, list_, overhead, report, run, trajectories
@@ -33,6 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     except CellFailed as exc:
         print(f"zomem {args.command}: error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # The reader left (`zomem list | head`): point stdout at /dev/null so the exit-time flush stays quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except KeyboardInterrupt:
         print(f"zomem {args.command}: interrupted; records written so far are kept", file=sys.stderr)
         return 130
