@@ -33,6 +33,7 @@ def test_cell_runs_in_a_child_and_appends_a_full_record(tmp_path: Path) -> None:
     assert {"python", "torch", "transformers", "zomem", "git_commit", "cpu", "gpu", "driver",
             "gpu_total_bytes"} <= record.env.keys()
     assert record.peak_bytes["cpu_hwm"] > record.baseline_bytes["cpu_hwm"]
+    assert record.probe_methods["cpu_hwm"] in {"clear_refs", "psutil"}
     # The parent only ever asked NVML about CUDA.
     assert not torch.cuda.is_initialized()
 

@@ -156,7 +156,7 @@ def test_nvml_uses_the_per_process_figure_when_our_pid_is_listed() -> None:
         fake.processes[os.getpid()] = 700 * MiB
         time.sleep(0.02)
         fake.processes[os.getpid()] = 400 * MiB
-    assert probe.source == "process"
+    assert probe.method == "process"
     assert probe.peak_bytes == 700 * MiB
 
 
@@ -170,7 +170,7 @@ def test_nvml_falls_back_to_device_minus_baseline(processes: dict[int, int | Non
     assert probe.reading() == 2 * GiB
     with probe:
         fake.used = 3 * GiB
-    assert probe.source == "device-minus-baseline"
+    assert probe.method == "device-minus-baseline"
     assert probe.peak_bytes == 2 * GiB
 
 
@@ -179,7 +179,7 @@ def test_nvml_without_baseline_reports_device_used_and_says_so() -> None:
     probe = _nvml(fake)
     with probe:
         pass
-    assert probe.source == "device"
+    assert probe.method == "device"
     assert probe.peak_bytes == 2 * GiB
 
 
@@ -189,7 +189,7 @@ def test_nvml_never_mixes_sources_within_a_region() -> None:
     with probe:
         fake.used = 4 * GiB
         del fake.processes[os.getpid()]  # the closing sample lacks the per-process figure
-    assert probe.source == "device-minus-baseline"
+    assert probe.method == "device-minus-baseline"
     assert probe.peak_bytes == 3 * GiB
 
 
@@ -201,7 +201,7 @@ def test_nvml_catches_a_spike_between_boundaries() -> None:
         time.sleep(0.05)
         fake.used, fake.processes[os.getpid()] = 2 * GiB, 100 * MiB
     assert probe.samples > 2  # more than the two boundary samples
-    assert probe.source == "process"
+    assert probe.method == "process"
     assert probe.peak_bytes == 900 * MiB
 
 

@@ -129,6 +129,7 @@ def test_report_command_writes_every_file(tmp_path: Path, capsys: pytest.Capture
     for name in FILES[:-1]:
         assert f"]({name})" in index, name
     assert "worst residual" in index and "cpu_hwm" in index and "multirc" in index
+    assert "`cpu_hwm` by `clear_refs` in 3 cells" in index
     assert "AMD" in index or "CPU" in index
     rows = list(csv.DictReader((out / "largest_fit.csv").open()))
     assert [r["hardware"] for r in rows] == ["1xA100-80GB"] * 3 + ["2xV100-32GB"] * 3

@@ -197,6 +197,7 @@ class Prepared:
             baseline_bytes=self.baseline,
             breakdown=breakdown,
             breakdown_probe=breakdown_probe,
+            probe_methods={p.name: p.method for p in self.probes if p.method},
             step_seconds=probes.summarize(step_seconds),
             phases=with_other(self.phases.timer.medians(), step_seconds) if self.phases.timer else {},
             forwards_per_step=self.calls[0] / steps,

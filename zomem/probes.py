@@ -22,6 +22,8 @@ class Probe(abc.ABC):
 
     name: ClassVar[str]
     peak_bytes: int | None = None
+    #: how the last region was read, for probes that have more than one way (None for the others)
+    method: str | None = None
 
     @abc.abstractmethod
     def reading(self) -> int:
@@ -209,7 +211,7 @@ class Nvml(Probe):
         self.device_index = device_index
         self.baseline_bytes = baseline_bytes
         self.pid = os.getpid() if pid is None else pid
-        self.source: str | None = None  # "process", "device-minus-baseline" or "device", set on exit
+        self.method: str | None = None  # "process", "device-minus-baseline" or "device", set on exit
         self.samples = 0
         self._nvml = nvml if nvml is not None else _import_pynvml()
         try:
@@ -251,7 +253,7 @@ class Nvml(Probe):
         self.samples += 1
 
     def _start(self) -> None:
-        self.source = None
+        self.method = None
         self.samples = 0
         self._max_process = 0
         self._max_device = 0
@@ -261,12 +263,12 @@ class Nvml(Probe):
     def _finish(self, body_raised: bool) -> int:
         _finish_sampler(self._sampler, body_raised)
         if not self._process_missing:
-            self.source = "process"
+            self.method = "process"
             return self._max_process
         if self.baseline_bytes is None:
-            self.source = "device"
+            self.method = "device"
             return self._max_device
-        self.source = "device-minus-baseline"
+        self.method = "device-minus-baseline"
         return self._max_device - self.baseline_bytes
 
 

@@ -43,6 +43,9 @@ class Record:
     breakdown: dict[str, int] = field(default_factory=dict)
     #: the probe whose peak the transient part of the breakdown was derived from
     breakdown_probe: str | None = None
+    #: probe name -> how it read its peak, for probes with more than one way (cpu_hwm: clear_refs or psutil;
+    #: nvml: process, device-minus-baseline or device)
+    probe_methods: dict[str, str] = field(default_factory=dict)
     #: median, iqr (seconds) and n (steps)
     step_seconds: dict[str, float] = field(default_factory=dict)
     #: phase -> median seconds per step

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import csv
 import datetime
 import io
@@ -333,6 +334,12 @@ def _sources(records: Sequence[Record], fits: Sequence[Fit], calibration: estima
              "at step boundaries); the phases figure: the phase timer's median seconds per phase, `other` being "
              "step time outside every named phase (e.g. torch's own Adam update).",
              "- Forwards/step: closure calls per measured step, counted by the harness."]
+    methods = collections.Counter((probe, r.probe_methods[probe]) for r in records for probe in probes
+                                  if probe in r.probe_methods)
+    if methods:
+        lines.append("- How the table's probe read its peaks: " + "; ".join(
+            f"`{probe}` by `{method}` in {n} cell{'' if n == 1 else 's'}" for (probe, method), n in methods.items())
+            + " (each record's `probe_methods`).")
     measured_fits = len(fits) - predicted
     lines.append(f"- Largest fit: {predicted} cells predicted by the estimator with the `cuda` constants ("
                  f"{'calibrated' if cuda.calibrated else 'uncalibrated'}: {cuda.source})"
