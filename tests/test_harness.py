@@ -4,7 +4,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from zomem import measure, records
+from zomem import harness, measure, records
 from zomem.cell import Cell
 from zomem.errors import UsageError
 from zomem.harness import run_cell
@@ -127,3 +127,10 @@ def test_a_cuda_cell_reads_its_baselines_before_its_first_cuda_call(monkeypatch:
 ])
 def test_out_of_memory_is_recognised_however_cuda_words_it(error: BaseException, oom: bool) -> None:
     assert measure.is_oom(error) is oom
+
+
+def test_children_number_gpus_as_nvml_does_and_keep_what_the_user_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+    assert harness._child_env()["CUDA_DEVICE_ORDER"] == "PCI_BUS_ID"
+    monkeypatch.setenv("CUDA_DEVICE_ORDER", "FASTEST_FIRST")
+    assert harness._child_env()["CUDA_DEVICE_ORDER"] == "FASTEST_FIRST"

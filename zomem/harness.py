@@ -33,6 +33,9 @@ def _child_env() -> dict[str, str]:
     root = str(Path(zomem.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     env.setdefault("MALLOC_MMAP_THRESHOLD_", MALLOC_MMAP_THRESHOLD)
+    # CUDA numbers GPUs fastest first by default, NVML by PCI bus: on a box with mixed GPUs the nvml probe would
+    # watch another card than the one the cell runs on. PCI order (nvidia-smi's) makes the two agree.
+    env.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
     return env
 
 
