@@ -401,6 +401,20 @@ def test_phase_timer_on_cuda_brackets_phases_with_events_and_never_synchronises_
     assert timer.medians() == pytest.approx({"perturb": 0.030, "forward": 0.106})
 
 
+def test_step_timer_on_cuda_synchronises_before_each_step_and_reads_events(monkeypatch: pytest.MonkeyPatch) -> None:
+    synchronised: list[object] = []
+    monkeypatch.setattr(FakeEvent, "clock_ms", 0.0)
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device: "stream")
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: synchronised.append(device))
+    timer = StepTimer("cuda:0")
+    for ms in (40, 50):
+        with timer.step():
+            FakeEvent.clock_ms += ms
+    assert timer.seconds == pytest.approx([0.040, 0.050])
+    assert synchronised == [torch.device("cuda", 0)] * 2
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("probe_type", [TorchAllocated, TorchReserved])
 def test_torch_probes_measure_a_known_allocation(probe_type: type[TorchAllocated | TorchReserved]) -> None:

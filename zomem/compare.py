@@ -20,9 +20,8 @@ from typing import Any, Literal
 
 from tabulate import tabulate
 
+from zomem.hardware import MIB
 from zomem.records import Record, RecordsError, read
-
-MIB = 2**20
 BASELINE_SCHEMA = 1
 #: the probes a peak can come from (zomem.probes); named here so that parsing a threshold imports no torch
 PROBES = ("cpu_hwm", "torch_allocated", "torch_reserved", "nvml")

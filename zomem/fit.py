@@ -128,7 +128,7 @@ def measure(cell: Cell, limit_bytes: int, label: str, run: RunCell, *, ladder: S
         ok = peak is not None and peak <= limit_bytes
         detail: dict[str, Any] = {"status": record.status, "probe": probe}
         if record.error:
-            detail["error"] = record.error.splitlines()[0]
+            detail["error"] = record.error_line
         trials[i] = Trial(ladder[i], peak, ok, detail)
         return ok
 

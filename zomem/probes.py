@@ -290,6 +290,23 @@ def _timing_device(device: torch.device | str) -> torch.device:
     return device
 
 
+def _mark(device: torch.device) -> Any:
+    """A point in time: the wall clock on CPU, an event on the device's current stream on CUDA."""
+    if device.type == "cpu":
+        return time.perf_counter()
+    event = torch.cuda.Event(enable_timing=True)
+    event.record(torch.cuda.current_stream(device))
+    return event
+
+
+def _seconds(device: torch.device, start: Any, end: Any) -> float:
+    """Seconds between two marks; on CUDA it waits for the end event."""
+    if device.type == "cpu":
+        return end - start
+    end.synchronize()
+    return start.elapsed_time(end) / 1000  # elapsed_time is in milliseconds
+
+
 class StepTimer:
     """Times steps: wall seconds per step, device synchronised at boundaries (CUDA events on GPU)."""
 
@@ -300,20 +317,11 @@ class StepTimer:
     @contextlib.contextmanager
     def step(self) -> Iterator[None]:
         """Times the body as one step; a step that raises is not recorded."""
-        if self.device.type == "cpu":
-            start_s = time.perf_counter()
-            yield
-            self.seconds.append(time.perf_counter() - start_s)
-            return
-        # Synchronise first so that work queued before the step is not billed to it.
-        torch.cuda.synchronize(self.device)
-        stream = torch.cuda.current_stream(self.device)
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(stream)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # work queued before the step is not billed to it
+        start = _mark(self.device)
         yield
-        end.record(stream)
-        end.synchronize()
-        self.seconds.append(start.elapsed_time(end) / 1000)  # elapsed_time is in milliseconds
+        self.seconds.append(_seconds(self.device, start, _mark(self.device)))
 
 
 class PhaseTimer:
@@ -326,38 +334,25 @@ class PhaseTimer:
         self._spans: list[tuple[str, Any, Any]] = []  # (phase, start mark, end mark) within the current step
         self._steps: dict[str, list[float]] = {}
 
-    def _mark(self) -> Any:
-        if self.device.type == "cpu":
-            return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
-        event.record(torch.cuda.current_stream(self.device))
-        return event
-
-    def _seconds(self, start: Any, end: Any) -> float:
-        if self.device.type == "cpu":
-            return end - start
-        end.synchronize()
-        return start.elapsed_time(end) / 1000  # elapsed_time is in milliseconds
-
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Adds the body's seconds to phase `name`; inside another phase it times nothing."""
         if self._in_phase:
             yield  # the outer phase already owns this time; timing it again would count it twice
             return
-        start = self._mark()
+        start = _mark(self.device)
         self._in_phase = True
         try:
             yield
         finally:
             self._in_phase = False
-        self._spans.append((name, start, self._mark()))
+        self._spans.append((name, start, _mark(self.device)))
 
     def end_step(self) -> None:
         """Closes the current step: each phase's total in it becomes one sample."""
         totals: dict[str, float] = {}
         for name, start, end in self._spans:
-            totals[name] = totals.get(name, 0.0) + self._seconds(start, end)
+            totals[name] = totals.get(name, 0.0) + _seconds(self.device, start, end)
         self._spans = []
         for name, seconds in totals.items():
             self._steps.setdefault(name, []).append(seconds)

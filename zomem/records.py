@@ -63,6 +63,11 @@ class Record:
     schema: int = SCHEMA
 
     @property
+    def error_line(self) -> str:
+        """The first line of ``error`` ("" when there is none), for one-line messages."""
+        return self.error.splitlines()[0] if self.error else ""
+
+    @property
     def key(self) -> tuple[str, str, str, str, str, str]:
         """What identifies a cell: two records with the same key measured the same thing."""
         return (self.model, self.optimizer, self.workload, self.tuning, self.dtype, self.device)

@@ -16,13 +16,17 @@ from tabulate import tabulate
 from zomem import estimate, workloads
 from zomem.calibrate import Residual
 from zomem.fit import Fit
+from zomem.hardware import MIB
 from zomem.records import Record
 from zomem.sweep import Settings
 
-MIB = 2**20
 #: the optimizer every peak is compared with (SPEC §7)
 BASELINE = "mezo"
 MISSING = "—"
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
 
 
 def primary_probe(record: Record) -> str:
@@ -132,11 +136,12 @@ def memory_breakdown(records: Sequence[Record]) -> Table:
     """One row per measured cell: what was trained, and the peak split into weights, optimizer state (also in copies
     P of the trainable parameters), gradients and the transient rest."""
     several = len({r.model for r in records}) > 1
-    rows, long = [], []
+    rows, long, probes = [], [], {}
     for r in records:
         if r.status != "ok" or not r.breakdown:
             continue
         b, probe = r.breakdown, r.breakdown_probe or primary_probe(r)
+        probes[f"`{probe}`"] = None
         copies = b["optimizer_state"] / b["trainable"] if b.get("trainable") else 0.0
         rows.append([*_row_label(r.model, r.optimizer, several), r.workload, r.tuning, f"{r.trainable_params:,}",
                      f"{b['weights'] / MIB:,.1f}", f"{b['optimizer_state'] / MIB:,.1f} ({copies:.2f}P)",
@@ -145,9 +150,8 @@ def memory_breakdown(records: Sequence[Record]) -> Table:
         long.append([r.model, r.optimizer, r.workload, r.tuning, r.trainable_params, b["weights"],
                      b["optimizer_state"], round(copies, 4), b["gradients"], b["transient"], probe,
                      r.peak_bytes[probe], r.state_dtype or ""])
-    probes = ", ".join(f"`{p}`" for p in dict.fromkeys(row[10] for row in long))
-    notes = [f"Peak and breakdown from {probes or 'no probe'}. P: one copy of the trainable parameters in their "
-             "dtype. Optimizer state is summed from the optimizer's state tensors; transient = peak − floor − "
+    notes = [f"Peak and breakdown from {', '.join(probes) or 'no probe'}. P: one copy of the trainable parameters "
+             "in their dtype. Optimizer state is summed from the optimizer's state tensors; transient = peak − floor − "
              "weights − optimizer state − gradients, the floor being the probe's reading before the model was built "
              "on CPU (zero on a GPU)."]
     return Table("memory_breakdown", "Memory breakdown, MiB",
@@ -281,16 +285,15 @@ def _machine(records: Sequence[Record]) -> list[str]:
 
 
 def _settings(records: Sequence[Record], settings: Settings) -> list[str]:
-    plural = lambda n, word: f"{n} {word}" + ("" if n == 1 else "s")  # noqa: E731
-    warm = plural(settings.warmup, "warm-up step")
+    warm = _plural(settings.warmup, "warm-up step")
     if settings.warmup_batch:
-        warm += f" on the first {plural(settings.warmup_batch, 'example')} of the batch"
+        warm += f" on the first {_plural(settings.warmup_batch, 'example')} of the batch"
     lines = [
         f"- Device `{settings.device}`, dtype `{settings.dtype}`, tuning `{settings.tuning}`; optimizer "
         "hyper-parameters: " + (", ".join(f"`{k}={v}`" for k, v in settings.hparams.items()) or "each optimizer's "
                                 "defaults") + " (every record's `hparams` lists them all).",
         f"- Each cell runs in a fresh child process: probe baseline → build the model (random weights) → build the "
-        f"batch → {warm} → peaks reset → {plural(settings.steps, 'measured step')} → readings.",
+        f"batch → {warm} → peaks reset → {_plural(settings.steps, 'measured step')} → readings.",
     ]
     thresholds = {r.env.get("malloc_mmap_threshold") for r in records if r.env}
     if settings.device == "cpu" and thresholds - {None}:
@@ -338,7 +341,7 @@ def _sources(records: Sequence[Record], fits: Sequence[Fit], calibration: estima
                                   if probe in r.probe_methods)
     if methods:
         lines.append("- How the table's probe read its peaks: " + "; ".join(
-            f"`{probe}` by `{method}` in {n} cell{'' if n == 1 else 's'}" for (probe, method), n in methods.items())
+            f"`{probe}` by `{method}` in {_plural(n, 'cell')}" for (probe, method), n in methods.items())
             + " (each record's `probe_methods`).")
     measured_fits = len(fits) - predicted
     lines.append(f"- Largest fit: {predicted} cells predicted by the estimator with the `cuda` constants ("

@@ -7,11 +7,11 @@ from pathlib import Path
 
 from zomem.cell import Cell
 from zomem.cli.options import add_cell_options
+from zomem.hardware import MIB
 from zomem.harness import run_cell
 from zomem.records import Record
 
 DEFAULT_OUT = Path("reports/runs.jsonl")
-MIB = 2**20
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def summary(record: Record) -> str:
     """One line for a person: what ran, whether it fit, its peaks and its speed."""
     cell = f"{record.model} {record.optimizer} {record.workload} {record.tuning} {record.dtype} {record.device}"
     if record.status != "ok":
-        return f"{cell}: {record.status}: {(record.error or '').splitlines()[0] if record.error else ''}"
+        return f"{cell}: {record.status}: {record.error_line}"
     peaks = ", ".join(f"{name} {value / MIB:,.0f} MiB" for name, value in record.peak_bytes.items())
     t = record.step_seconds
     return (f"{cell}: ok, peak {peaks}; {t['median']:.3f} s/step (IQR {t['iqr']:.3f}, n={t['n']}); "

@@ -109,9 +109,8 @@ class ZomemFixture:
         benchmark.extra_info.update(dataclasses.asdict(record))
         if record.status != "ok":
             self.add(Measurement.from_record(record), record.env)
-            first_line = (record.error or "").splitlines()[0] if record.error else ""
             if record.status == "oom":
-                pytest.skip(f"{cell_name(record)}: out of memory: {first_line}")
+                pytest.skip(f"{cell_name(record)}: out of memory: {record.error_line}")
             pytest.fail(f"{cell_name(record)}: the measuring child failed: {record.error}", pytrace=False)
         # The benchmark's own median, or none when benchmarks are disabled: never the child's phase-timed steps.
         seconds = time_steps(benchmark, cell)
