@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -22,6 +22,8 @@ class AdaMeZO(ZerothOrder):
     regenerating the K past z of each block into the z buffer: extra memory is two block-sized buffers (m, v),
     extra work K regenerations per element.
     """
+
+    update_buffers: ClassVar[int] = 3  # z, m and v
 
     def __init__(self, params: Any, lr: float = 1e-5, eps: float = 1e-3, window: int = 10,
                  betas: tuple[float, float] = (0.7, 0.9), adam_eps: float = 1e-8, *, seed: int = 0,

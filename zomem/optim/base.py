@@ -21,8 +21,11 @@ from torch.optim import Optimizer
 STATE_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}
 #: CPU default: a block that stays in cache between drawing z and adding it (measured 4.1 vs 6.6 ns
-#: per element for whole tensors on a 2-core EPYC); on CUDA one kernel per tensor is cheaper.
+#: per element for whole tensors on a 2-core EPYC).
 CPU_BLOCK = 1 << 20
+#: CUDA default: large enough that each draw and add fills the GPU, small enough that a walk's buffers stay a
+#: few tens of MiB whatever the model (an embedding of 103M elements would otherwise be drawn whole).
+CUDA_BLOCK = 1 << 24
 _MASK64 = (1 << 64) - 1
 
 PhaseHook = Callable[[str], contextlib.AbstractContextManager[Any]]
@@ -40,10 +43,18 @@ def mix(*values: int) -> int:
 
 
 def resolve_block_size(block_size: int | str | None, device: torch.device) -> int | None:
-    """``"auto"``: :data:`CPU_BLOCK` elements on CPU, a whole tensor elsewhere."""
+    """``"auto"``: :data:`CPU_BLOCK` elements on CPU, :data:`CUDA_BLOCK` on a GPU."""
     if block_size == "auto":
-        return CPU_BLOCK if device.type == "cpu" else None
+        return CPU_BLOCK if device.type == "cpu" else CUDA_BLOCK
     return block_size  # type: ignore[return-value]
+
+
+def compute_dtype(param_dtype: torch.dtype, state_dtype: str | None = None) -> torch.dtype:
+    """The dtype a walk draws z and does its arithmetic in: float32 at least, wider when the parameters or the
+    state are. In half precision an Adam epsilon of 1e-8 is 0, z² underflows, and an increment below 1/2048 of
+    a value vanishes; tensors are still *stored* in their own dtype."""
+    candidates = [param_dtype, torch.float32, *([STATE_DTYPES[state_dtype]] if state_dtype else [])]
+    return max(candidates, key=lambda dtype: torch.finfo(dtype).bits)
 
 
 @dataclass
@@ -109,6 +120,10 @@ class ZerothOrder(Optimizer):
     forward_only: ClassVar[bool] = True
     #: persistent state in copies of the trainable parameters (SPEC §4's table), read by the estimator
     state_copies: ClassVar[float] = 0.0
+    #: block-sized buffers (z and scratch, in the compute dtype) alive during the forwards, and during the update
+    #: pass: the estimator's count of what a walk adds beyond the persistent state
+    forward_buffers: ClassVar[int] = 1
+    update_buffers: ClassVar[int] = 1
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, seed: int = 0,
                  block_size: int | str | None = "auto") -> None:
@@ -141,13 +156,13 @@ class ZerothOrder(Optimizer):
             self._generators[device] = torch.Generator(device=device)
         return self._generators[device]
 
-    def _buffer(self, like: torch.Tensor, size: int, name: str | None = None) -> torch.Tensor:
+    def _buffer(self, device: torch.device, dtype: torch.dtype, size: int, name: str | None = None) -> torch.Tensor:
         # One z buffer per device and dtype; methods that need more scratch space name each extra buffer.
-        key: tuple[Any, ...] = (like.device, like.dtype) if name is None else (like.device, like.dtype, name)
+        key: tuple[Any, ...] = (device, dtype) if name is None else (device, dtype, name)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < size:
             self._buffers.pop(key, None)  # free the smaller one before allocating
-            buffer = self._buffers[key] = torch.empty(size, dtype=like.dtype, device=like.device)
+            buffer = self._buffers[key] = torch.empty(size, dtype=dtype, device=device)
         return buffer[:size]
 
     def release_buffers(self) -> None:
@@ -169,19 +184,38 @@ class ZerothOrder(Optimizer):
         size = resolve_block_size(group["block_size"], param.device) or n
         return [slice(start, min(start + size, n)) for start in range(0, n, size)]
 
+    @staticmethod
+    def working_dtype(param: torch.Tensor, group: dict[str, Any]) -> torch.dtype:
+        """The dtype z is drawn in and the arithmetic on ``param``'s blocks runs in (see :func:`compute_dtype`)."""
+        return compute_dtype(param.dtype, group.get("state_dtype"))
+
     def blocks(self, step_seed: int) -> Iterator[Block]:
-        """Walk every parameter block by block, drawing that block's z of step ``step_seed`` into a buffer."""
+        """Walk every parameter block by block, drawing that block's z of step ``step_seed`` into a buffer (in the
+        compute dtype: the same z, up to the rounding of storage, whatever the parameters' dtype)."""
         for j, group, param in self.params():
             flat = param.detach().view(-1)
             spans = self.spans(param, group)
-            buffer = self._buffer(param, spans[0].stop)
+            buffer = self._buffer(param.device, self.working_dtype(param, group), spans[0].stop)
             for k, span in enumerate(spans):
                 z = self.draw(buffer[: span.stop - span.start], step_seed, j, k)
                 yield Block(group, param, j, k, span, flat[span], z)
 
-    def scratch(self, b: Block, name: str) -> torch.Tensor:
-        """A block-sized buffer ``name`` beside z (reused across blocks, freed with the z buffer)."""
-        return self._buffer(b.param, self.spans(b.param, b.group)[0].stop, name)[: b.z.numel()]
+    def scratch(self, b: Block, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
+        """A block-sized buffer ``name`` beside z, in z's (compute) dtype, reused across blocks and freed with the z
+        buffer; ``like`` copies a block of another dtype into it, so arithmetic on stored state runs in float32."""
+        buffer = self._buffer(b.param.device, b.z.dtype, self.spans(b.param, b.group)[0].stop, name)[: b.z.numel()]
+        return buffer if like is None else buffer.copy_(like)
+
+    def working(self, b: Block, name: str, stored: torch.Tensor) -> torch.Tensor:
+        """A block of state to compute on: ``stored`` itself when it is in the compute dtype, else a scratch copy
+        ``name`` of it (half-precision state is updated in float32 and stored once, by :meth:`store`)."""
+        return stored if stored.dtype == b.z.dtype else self.scratch(b, name, like=stored)
+
+    @staticmethod
+    def store(stored: torch.Tensor, working: torch.Tensor) -> None:
+        """Write a block computed by :meth:`working` back into its state (nothing to do when it was the state)."""
+        if working is not stored:
+            stored.copy_(working)
 
     def state_block(self, b: Block, key: str, fill: float = 0.0) -> torch.Tensor:
         """Block ``b``'s slice of the parameter's state tensor ``key``, created on first use in the state dtype."""

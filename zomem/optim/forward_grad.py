@@ -30,19 +30,39 @@ class ForwardGrad(ZerothOrder):
         with self.phase("perturb"):
             tangents = []
             for j, group, param in self.params():
+                # drawn in the compute dtype like every z, then stored in the parameter's dtype (a dual's tangent
+                # has its primal's dtype)
                 tangent = torch.empty_like(param, memory_format=torch.contiguous_format)
-                for k, span in enumerate(self.spans(param, group)):
-                    self.draw(tangent.view(-1)[span], seed, j, k)
+                spans = self.spans(param, group)
+                buffer = self._buffer(param.device, self.working_dtype(param, group), spans[0].stop)
+                for k, span in enumerate(spans):
+                    tangent.view(-1)[span].copy_(self.draw(buffer[: span.stop - span.start], seed, j, k))
                 tangents.append(tangent)
+            self.release_buffers()
         # Forward AD is not implemented for the fused attention kernels (CPU flash, CUDA flash/efficient): use math.
         with fwAD.dual_level(), sdpa_kernel(SDPBackend.MATH):
             for (_, _, param), tangent in zip(self.params(), tangents, strict=True):
                 # Copying a dual view of itself into the parameter gives it the tangent for this level only.
                 param.copy_(fwAD.make_dual(param.detach(), tangent))
             loss, directional = fwAD.unpack_dual(closure())
-        jvp = 0.0 if directional is None else float(directional)
+        if directional is None:
+            raise RuntimeError("forward-grad: the closure's loss carries no tangent, so ∇L·v is unknown: compute the "
+                               "loss inside the closure from the parameters given to the optimizer (a loss computed "
+                               "from detached copies has no forward derivative)")
+        jvp = float(directional)
         with self.phase("update"):
             for (_, group, param), tangent in zip(self.params(), tangents, strict=True):
-                param.add_(tangent, alpha=-group["lr"] * jvp)
+                dtype = self.working_dtype(param, group)
+                if tangent.dtype == dtype:
+                    param.add_(tangent, alpha=-group["lr"] * jvp)
+                    continue
+                # a half tangent is added block by block through a float32 buffer: half arithmetic would round
+                # η·(∇L·v)·v before adding it
+                spans = self.spans(param, group)
+                buffer = self._buffer(param.device, dtype, spans[0].stop)
+                flat, v = param.detach().view(-1), tangent.view(-1)
+                for span in spans:
+                    flat[span].add_(buffer[: span.stop - span.start].copy_(v[span]), alpha=-group["lr"] * jvp)
+            self.release_buffers()
         self.state["global"]["projected_grad"] = jvp
         return loss

@@ -20,6 +20,8 @@ class HiZOO(ZerothOrder):
     """
 
     state_copies: ClassVar[float] = 1.0
+    forward_buffers: ClassVar[int] = 2  # z and √H, drawn and formed for each perturbation
+    update_buffers: ClassVar[int] = 2
 
     def __init__(self, params: Any, lr: float = 1e-6, eps: float = 1e-3, hessian_smooth: float = 1e-6,
                  state_dtype: str | torch.dtype | None = None, *, seed: int = 0,
@@ -35,7 +37,7 @@ class HiZOO(ZerothOrder):
         return self.state_block(b, "hessian", fill=1.0)
 
     def _sqrt_hessian(self, b: Block) -> torch.Tensor:
-        return torch.sqrt(self._hessian(b), out=self.scratch(b, "work"))
+        return self.scratch(b, "work", like=self._hessian(b)).sqrt_()
 
     def direction(self, b: Block) -> torch.Tensor:
         """z/√H: a smaller probe along directions of high curvature."""
@@ -54,10 +56,12 @@ class HiZOO(ZerothOrder):
                 alpha = b.group["hessian_smooth"]
                 b.x.addcdiv_(b.z, self._sqrt_hessian(b), value=eps)  # restore θ with the H it was perturbed by
                 hessian = self._hessian(b)
-                # (1−α)H + α·c·H⊙z² = H ⊙ (1 − α + α·c·z²)
-                factor = torch.mul(b.z, b.z, out=self.scratch(b, "work")).mul_(alpha * curvature)
-                hessian.mul_(factor.add_(1 - alpha))
-                b.x.addcdiv_(b.z, self._sqrt_hessian(b), value=-b.group["lr"] * grad)
+                # (1−α)H + α·c·H⊙z² = H ⊙ (1 − α + α·c·z²), formed in the compute dtype: with α ~ 1e-6 the
+                # increment is far below half precision's resolution at 1
+                updated = torch.mul(b.z, b.z, out=self.scratch(b, "work")).mul_(alpha * curvature).add_(1 - alpha)
+                updated.mul_(hessian)
+                hessian.copy_(updated)
+                b.x.addcdiv_(b.z, updated.sqrt_(), value=-b.group["lr"] * grad)
         self.state["global"]["projected_grad"] = grad
         self.release_buffers()
         return loss0

@@ -26,13 +26,15 @@ class MeZO(ZerothOrder):
         seed, eps = self.next_step_seed(), self.defaults["eps"]
         loss_plus, loss_minus = self.evaluate_pair(closure, seed, eps)
         grad = (float(loss_plus) - float(loss_minus)) / (2 * eps)
-        # Restoring θ and updating it share one regeneration of z per block.
+        # Restoring θ and updating it share one regeneration of z per block, and without decay one add.
         with self.phase("update"), one_thread():
             for b in self.blocks(seed):
                 lr, decay = b.group["lr"], b.group["weight_decay"]
+                if not decay:
+                    b.x.add_(b.z, alpha=eps - lr * grad)
+                    continue
                 b.x.add_(b.z, alpha=eps)
-                if decay:
-                    b.x.mul_(1 - lr * decay)
+                b.x.mul_(1 - lr * decay)
                 b.x.add_(b.z, alpha=-lr * grad)
         self.state["global"]["projected_grad"] = grad
         self.release_buffers()

@@ -24,6 +24,7 @@ class ZOAdam(ZerothOrder):
     """
 
     state_copies: ClassVar[float] = 2.0
+    update_buffers: ClassVar[int] = 4  # z, the denominator, and m, v in float32 when the state is half
 
     def __init__(self, params: Any, lr: float = 1e-5, eps: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  adam_eps: float = 1e-8, state_dtype: str | torch.dtype | None = None, *, seed: int = 0,
@@ -44,9 +45,12 @@ class ZOAdam(ZerothOrder):
             for b in self.blocks(seed):
                 b.x.add_(b.z, alpha=eps)  # restore θ
                 beta1, beta2 = b.group["betas"]
-                m, v = self.state_block(b, "exp_avg"), self.state_block(b, "exp_avg_sq")
+                m_state, v_state = self.state_block(b, "exp_avg"), self.state_block(b, "exp_avg_sq")
+                m, v = self.working(b, "m", m_state), self.working(b, "v", v_state)
                 m.mul_(beta1).add_(b.z, alpha=(1 - beta1) * grad)
                 v.mul_(beta2).addcmul_(b.z, b.z, value=(1 - beta2) * grad * grad)
+                self.store(m_state, m)
+                self.store(v_state, v)
                 # √v̂ + adam_eps, in a scratch buffer so no other temporary is made
                 denom = torch.sqrt(v, out=self.scratch(b, "denom"))
                 denom.div_((1 - beta2**t) ** 0.5).add_(b.group["adam_eps"])

@@ -47,6 +47,8 @@ class ZOAdaMU(ZerothOrder):
     """
 
     state_copies: ClassVar[float] = 1.0
+    forward_buffers: ClassVar[int] = 2  # ż and z̈ (z̈'s noise is drawn once the warm-up is over)
+    update_buffers: ClassVar[int] = 3  # ż, z̈ and v
 
     def __init__(self, params: Any, lr: float = 1e-6, eps: float = 1e-3, total_steps: int = 20_000, t1: float = 1024,
                  t2: float | None = None, sigma: float = 1e-8, state_dtype: str | torch.dtype | None = None,

@@ -15,6 +15,7 @@ class ZOSGDMomentum(ZerothOrder):
     """ZO-SGD with momentum: g = (L+ − L−)/2ε; m = μm + g·z; θ −= η·m. Keeps m (1P)."""
 
     state_copies: ClassVar[float] = 1.0
+    update_buffers: ClassVar[int] = 2  # z, and m in float32 when the state is half
 
     def __init__(self, params: Any, lr: float = 1e-6, eps: float = 1e-3, momentum: float = 0.9,
                  state_dtype: str | torch.dtype | None = None, *, seed: int = 0,
@@ -34,8 +35,10 @@ class ZOSGDMomentum(ZerothOrder):
         with self.phase("update"):
             for b in self.blocks(seed):
                 b.x.add_(b.z, alpha=eps)  # restore θ
-                m = self.state_block(b, "momentum")
+                stored = self.state_block(b, "momentum")
+                m = self.working(b, "momentum", stored)
                 m.mul_(b.group["momentum"]).add_(b.z, alpha=grad)
+                self.store(stored, m)
                 b.x.add_(m, alpha=-b.group["lr"])
         self.state["global"]["projected_grad"] = grad
         self.release_buffers()
