@@ -82,5 +82,5 @@ def test_materialise_keeps_shared_tensors_shared() -> None:
         shared = nn.Linear(4, 4)
         pair = nn.ModuleList([shared, nn.Linear(4, 4)])
     pair[1].weight = shared.weight
-    models._materialise(pair, torch.device("cpu"))
+    models.materialise(pair, torch.device("cpu"))
     assert pair[1].weight is pair[0].weight and pair[0].weight.device.type == "cpu"
