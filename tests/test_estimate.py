@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 from zomem import calibrate, estimate, models, records, workloads
 from zomem.cli import main as cli
 from zomem.errors import UsageError
-from zomem.estimate import Calibration
+from zomem.estimate import Calibration, tracing
 from zomem.hardware import GIB
+from zomem.optim.base import CPU_BLOCK, CUDA_BLOCK
 from zomem.records import Record
 
 #: every multiplier 1 and no overhead: predictions are the bare analytic counts
@@ -23,22 +26,69 @@ def params(model: str) -> int:
     return models.param_count(models.build_meta(model))
 
 
-@pytest.mark.parametrize(("optimizer", "dtype", "precision", "per_param"), [
+@pytest.mark.parametrize(("optimizer", "dtype", "precision", "hparams", "per_param"), [
     # bytes per parameter of (weights, optimizer state, gradients)
-    ("mezo", "float16", "pure", (2, 0, 0)),
-    ("zo-adam", "float16", "pure", (2, 4, 0)),
-    ("hizoo", "float32", "pure", (4, 4, 0)),
-    ("adam", "float32", "pure", (4, 8, 4)),
-    ("adam", "float16", "mixed", (2, 12, 2)),  # fp32 master weights and two fp32 moments
-    ("sgd", "bfloat16", "mixed", (2, 4, 2)),
+    ("mezo", "float16", "pure", {}, (2, 0, 0)),
+    ("zo-adam", "float16", "pure", {}, (2, 4, 0)),
+    ("zo-adam", "float32", "pure", {"state_dtype": "bfloat16"}, (4, 4, 0)),
+    ("hizoo", "float32", "pure", {}, (4, 4, 0)),
+    ("hizoo", "bfloat16", "pure", {"state_dtype": "float32"}, (2, 4, 0)),
+    ("adam", "float32", "pure", {}, (4, 8, 4)),
+    ("adam", "bfloat16", "mixed", {}, (4, 8, 4)),  # float32 weights, gradients and moments: 16 bytes as ever
+    ("sgd", "bfloat16", "mixed", {}, (4, 0, 4)),
+    ("mezo", "bfloat16", "mixed", {}, (4, 0, 0)),
 ])
-def test_persistent_parts_are_exact(optimizer: str, dtype: str, precision: str, per_param: tuple[int, ...]) -> None:
-    e = estimate.estimate("opt-125m", optimizer, "sst2", dtype, calibration=BARE)
+def test_persistent_parts_are_exact(optimizer: str, dtype: str, precision: str, hparams: dict[str, str],
+                                    per_param: tuple[int, ...]) -> None:
+    e = estimate.estimate("opt-125m", optimizer, "sst2", dtype, precision=precision, calibration=BARE,
+                          hparams=hparams)
     assert e.precision == precision
     n = params("opt-125m")
     d = e.devices[0]
     assert (d.weights, d.optimizer_state, d.gradients) == tuple(n * b for b in per_param)
     assert d.overhead == 0 and e.peak_bytes == d.total
+
+
+def test_a_float16_gradient_scaler_keeps_three_scalars() -> None:
+    e = estimate.estimate("opt-125m", "adam", "sst2", "float16", calibration=BARE)
+    assert e.precision == "mixed" and e.worst.optimizer_state == 8 * params("opt-125m") + estimate.SCALER_BYTES
+
+
+def test_mixed_precision_counts_autocasts_copy_of_every_matmul_weight() -> None:
+    meta = models.build_meta("opt-125m")
+    read_by_matmuls = {id(p): p.numel() for m in meta.modules() if isinstance(m, torch.nn.Linear)
+                       for p in m.parameters()}
+    mixed = estimate.estimate("opt-125m", "mezo", "sst2", "bfloat16", precision="mixed", calibration=BARE).worst
+    # traced: a bfloat16 copy of every weight and bias a matmul reads (the tied head among them), each once
+    assert mixed.autocast_cache == 2 * sum(read_by_matmuls.values())
+    assert estimate.estimate("opt-125m", "mezo", "sst2", "bfloat16", calibration=BARE).worst.autocast_cache == 0
+
+
+def test_state_dtype_changes_the_answer() -> None:
+    half, wide = (estimate.estimate("opt-125m", "hizoo", "sst2", "bfloat16", device="cpu",
+                                    hparams={"state_dtype": d}).peak_bytes for d in ("float16", "float32"))
+    assert wide - half == pytest.approx(2 * params("opt-125m"), rel=0.01)
+
+
+def test_adam_implementations_differ_by_their_update_temporaries() -> None:
+    s = estimate.shape("opt-125m")
+    peaks = {i: estimate.estimate("opt-125m", "adam", "sst2", "float32", calibration=BARE,
+                                  hparams={"implementation": i}).worst for i in ("fused", "foreach", "for-loop")}
+    # at opt-125m sst2 backprop's start outweighs the gradients and a for-loop's two temporaries; foreach's copy
+    # of every second moment outweighs it
+    assert peaks["for-loop"].total == peaks["fused"].total
+    assert peaks["foreach"].transient == 4 * s.params
+    assert peaks["foreach"].total > peaks["fused"].total
+    with pytest.raises(UsageError, match="implementation"):
+        estimate.estimate("opt-125m", "adam", "sst2", hparams={"implementation": "triton"})
+
+
+def test_a_gpu_estimate_predicts_nvml_and_torch_allocated() -> None:
+    e = estimate.estimate("opt-1.3b", "mezo", "multirc", "float16")
+    assert set(e.peaks) == {"nvml", "torch_allocated"}
+    calibration = Calibration.load("cuda")
+    assert e.peaks["nvml"] - e.peaks["torch_allocated"] >= calibration.overhead_bytes
+    assert set(estimate.estimate("opt-125m", "mezo", "sst2", device="cpu").peaks) == {"cpu_hwm"}
 
 
 def test_half_precision_first_order_is_mixed_and_mixed_needs_a_half_dtype() -> None:
@@ -49,39 +99,76 @@ def test_half_precision_first_order_is_mixed_and_mixed_needs_a_half_dtype() -> N
         estimate.resolve_precision("adam", "float32", "mixed")
 
 
-def test_forward_only_transient_is_one_layer_or_the_logits_and_loss() -> None:
-    spec = models.spec("opt-125m")
+def test_the_tracker_follows_known_allocations() -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode:
+        weight = torch.empty(8, 4)
+        x = torch.empty(16, 4)
+        tracker = tracing._Tracker({tracing._key(weight), tracing._key(x)}, {tracing._key(weight)})
+        with tracker:
+            out = x @ weight.T  # 16 × 8 float32: 512 bytes, alive
+            act = torch.relu(out)  # 512 more while out is alive
+            del out
+            half = weight.to(torch.bfloat16)  # a cast of a weight: 64 bytes
+            del act
+    timeline = tracker.timeline(set())
+    assert max(m.total for m in timeline) == 1024
+    assert timeline[-1] == estimate.Moment(other=0, casts=64)
+    del mode, half
+
+
+def test_a_trace_extrapolates_the_depth_exactly() -> None:
+    spec, squad = models.spec("opt-125m"), workloads.get("squad")
+    full = tracing._trace_once(spec, spec.layers, squad, "float32", "pure", True)
+    assert estimate.trace("opt-125m", squad, "float32", "pure", True) == full
+
+
+def test_forward_only_transient_is_the_traced_working_set_and_names_the_logits() -> None:
     squad = workloads.get("squad")
-    t = estimate.terms("opt-125m", squad, "float32")
-    tokens = squad.sequences * squad.seq_len
-    assert t.logits == tokens * spec.vocab * 4
-    # log_softmax's output and nll_loss's contiguous copy of it; float32 logits need no float copy
-    assert t.loss == 2 * squad.sequences * squad.targets * spec.vocab * 4
-    assert t.layer_working_set == estimate.LAYER_WORKING_SET * tokens * spec.hidden * 4
-    assert t.activations == estimate.SAVED_PER_LAYER * spec.layers * tokens * spec.hidden * 4
-    e = estimate.estimate("opt-125m", "inference", "squad", "float32", calibration=BARE)
-    assert e.devices[0].transient == max(t.layer_working_set, t.logits + t.loss)
+    t = estimate.trace("opt-125m", squad, "float32", "pure", False)
+    logits = squad.sequences * squad.seq_len * models.spec("opt-125m").vocab * 4
+    assert t.head_peak > logits > t.layer_peak  # the loss's float32 copies beside the logits
+    e = estimate.estimate("opt-125m", "inference", "squad", "float32", calibration=BARE).worst
+    assert e.transient == t.head_peak and e.logits == logits
     # a wide model with a short sequence: one layer's working set outweighs the logits
-    wide = estimate.terms("opt-175b", workloads.get("multirc"), "float16")
-    assert wide.layer_working_set > wide.logits
+    wide = estimate.trace("opt-175b", workloads.get("multirc"), "float16", "pure", False)
+    assert wide.layer_peak > wide.head_peak
+
+
+def test_a_large_vocabulary_makes_the_logits_the_largest_transient_share() -> None:
+    e = estimate.estimate("llama-3.2-1b", "mezo", "squad", "bfloat16", calibration=BARE).worst
+    squad = workloads.get("squad")
+    assert e.logits == squad.sequences * squad.seq_len * 128256 * 2 and e.logits > e.transient / 2
 
 
 def test_backprop_keeps_every_layer_and_costs_more_than_a_forward() -> None:
     fo = estimate.estimate("opt-125m", "mezo", "squad", "float32", calibration=BARE).worst
     bp = estimate.estimate("opt-125m", "sgd", "squad", "float32", calibration=BARE).worst
     assert bp.transient > fo.transient
-    t = estimate.terms("opt-125m", workloads.get("squad"), "float32")
-    assert bp.transient == t.activations + t.logits + max(t.loss, t.head_gradient) - bp.gradients
-    # one example of a large model: the gradients outweigh what backward frees, so the peak is at its end
+    start = estimate.trace("opt-125m", workloads.get("squad"), "float32", "pure", True).moments[1]
+    assert bp.transient == start.total - bp.gradients
+    # one example of a large model: the gradients outweigh what backward frees, so the peak is at its end, where the
+    # tied embedding's two gradients (the head's, kept since backward began, and the lookup's) are summed
     big = estimate.estimate("opt-13b", "sgd", "multirc", "float16", precision="pure", calibration=BARE).worst
-    assert big.transient == 0 and big.gradients == big.weights
+    end = estimate.trace("opt-13b", workloads.get("multirc"), "float16", "pure", True).moments[2]
+    embedding = estimate.shape("opt-13b").largest_tensor * 2
+    assert big.transient == end.total - big.gradients >= 2 * embedding and big.gradients == big.weights
 
 
-def test_zeroth_order_buffer_is_one_block_on_cpu_and_the_largest_tensor_on_cuda() -> None:
-    s = estimate.shape("opt-125m")
-    assert estimate.zo_buffer_bytes("mezo", s, "float32", "cuda") == s.largest_tensor * 4
-    assert estimate.zo_buffer_bytes("mezo", s, "float32", "cpu") == min(s.largest_tensor, 1 << 20) * 4
-    assert estimate.zo_buffer_bytes("adam", s, "float32", "cuda") == 0
+def test_zeroth_order_buffers_are_blocks_in_float32() -> None:
+    s = estimate.shape("opt-1.3b")
+    assert s.largest_tensor > CUDA_BLOCK
+    # z is drawn in float32 whatever the weights' dtype, one bounded block at a time on every device
+    assert estimate.block_bytes("mezo", s, "float16", "pure", "cuda") == CUDA_BLOCK * 4
+    assert estimate.block_bytes("mezo", s, "float32", "pure", "cpu") == CPU_BLOCK * 4
+    assert estimate.block_bytes("mezo", s, "float32", "pure", "cuda", {"block_size": None}) == s.largest_tensor * 4
+    assert estimate.block_bytes("adam", s, "float32", "pure", "cuda") == 0
+    # HiZOO keeps √H beside z through its forwards
+    working = estimate.trace("opt-1.3b", workloads.get("multirc"), "float16", "pure", False).peak.total
+    mezo, hizoo = (estimate.estimate("opt-1.3b", o, "multirc", "float16", calibration=BARE).worst.transient
+                   for o in ("mezo", "hizoo"))
+    assert mezo == working + CUDA_BLOCK * 4 and hizoo == mezo + CUDA_BLOCK * 4
 
 
 def test_accelerate_places_forward_only_methods_over_several_gpus() -> None:
@@ -141,18 +228,18 @@ def _synthetic(calibration: Calibration) -> list[Record]:
 
 
 def test_calibration_recovers_known_constants() -> None:
-    truth = Calibration("cpu", True, 350 * 2**20, 1.2, 0.8, 1.1)
+    truth = Calibration("cpu", True, 350 * 2**20, 1.2, 0.8)
     fitted = calibrate.fit(_synthetic(truth), "cpu")
     assert fitted.calibrated and fitted.cells == 60
     assert fitted.overhead_bytes == pytest.approx(truth.overhead_bytes, rel=1e-3)
-    for name in ("forward_scale", "activation_scale", "logits_scale"):
+    for name in ("forward_scale", "activation_scale"):
         assert getattr(fitted, name) == pytest.approx(getattr(truth, name), rel=1e-3)
     assert all(abs(v) < 1e-3 for extra in fitted.optimizers.values() for v in extra.values())
     assert fitted.worst_residual < 1e-3
 
 
 def test_an_optimizer_with_more_transient_gets_its_own_extra() -> None:
-    truth = Calibration("cpu", True, 350 * 2**20, 1.2, 0.8, 1.1, optimizers={"zo-adam": {"copies": 0.5, "scale": 1.0}})
+    truth = Calibration("cpu", True, 350 * 2**20, 1.2, 0.8, optimizers={"zo-adam": {"copies": 0.5, "scale": 1.0}})
     fitted = calibrate.fit(_synthetic(truth), "cpu")
     assert fitted.optimizers["zo-adam"] == pytest.approx({"copies": 0.5, "scale": 1.0}, abs=0.05)
     assert max(abs(v) for k, extra in fitted.optimizers.items() if k != "zo-adam" for v in extra.values()) < 0.05
@@ -171,7 +258,12 @@ def test_calibrate_and_estimate_commands(tmp_path: Path, capsys: pytest.CaptureF
     assert cli(["estimate", "--model", "opt-1.3b", "--optimizer", "adam", "--workload", "multirc", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["precision"] == "mixed" and data["calibrated"] is False
-    assert set(data["devices"][0]) == {"weights", "optimizer_state", "gradients", "transient", "overhead", "total"}
-    assert data["peak_bytes"] == data["devices"][0]["total"]
+    assert set(data["devices"][0]) == {"weights", "optimizer_state", "gradients", "autocast_cache", "transient",
+                                       "overhead", "logits", "total"}
+    assert data["peak_bytes"] == data["devices"][0]["total"] == data["peaks"]["nvml"]
+    assert 0 < data["peaks"]["torch_allocated"] < data["peaks"]["nvml"]
+    assert cli(["estimate", "--model", "opt-125m", "--optimizer", "hizoo", "--workload", "sst2", "--device", "cpu",
+                "--hparam", "state_dtype=float16", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["hparams"] == {"state_dtype": "float16"}
     assert cli(["estimate", "--model", "opt-13b", "--optimizer", "mezo", "--workload", "multirc", "--gpus", "2"]) == 0
     assert "cuda:1" in capsys.readouterr().out

@@ -36,24 +36,25 @@ class Residual:
 
 
 def modelled(record: Record, kind: str) -> bool:
-    """Whether the estimator models ``record``: an ok, fully tuned cell of this device kind, state in the weights'
-    dtype."""
+    """Whether the estimator models ``record``: an ok, fully tuned cell of this device kind."""
     if record.status != "ok" or record.tuning != "full" or record.device.split(":")[0] != kind:
         return False
-    if record.model not in models.MODELS or estimate.PROBE[kind] not in record.peak_bytes:
+    if estimate.PROBE[kind] not in record.peak_bytes:
         return False
     try:
+        models.spec(record.model)  # a registered model, or a config file that is still there
         optim.get(record.optimizer)
         workloads.get(record.workload)
     except UsageError:
         return False
-    return record.hparams.get("state_dtype") in (None, record.dtype)
+    return True
 
 
 def predict(record: Record, calibration: Calibration) -> estimate.Estimate:
-    """The estimator's prediction for the cell ``record`` measured (cells run everything in one dtype)."""
+    """The estimator's prediction for the cell ``record`` measured, in its precision and with its hyper-parameters."""
     return estimate.estimate(record.model, record.optimizer, record.workload, record.dtype,
-                             device=calibration.device, precision="pure", calibration=calibration)
+                             device=calibration.device, precision=record.precision, calibration=calibration,
+                             hparams=estimate.shaping(record.hparams), checkpointing=record.checkpointing)
 
 
 def residuals(records: Sequence[Record], calibration: Calibration) -> list[Residual]:
@@ -92,35 +93,40 @@ TYPICAL = 0.02
 RIDGE = 1e-3
 
 
-def _zero(kind: str) -> Calibration:
-    return Calibration(kind, True, 0, 0.0, 0.0, 0.0)
-
-
 def _fit_shared(cells: Sequence[Record], kind: str) -> Calibration:
-    """Overhead and transient multipliers, linear in each: a forward-only peak is the persistent part, the z
-    buffer and a multiple of the working set; a backprop peak is the weights, state and what is alive when
-    backward begins (or, where the gradients outweigh that, the weights, state and gradients: no multiplier
-    shows there). A term no cell exercises keeps its analytic value, 1."""
-    rows, targets, weights = [], [], []
-    for r in cells:
-        e = predict(r, _zero(kind)).worst  # the persistent parts, and the z buffer as the transient
-        t = estimate.terms(r.model, workloads.get(r.workload), r.dtype)
-        measured = r.peak_bytes[estimate.PROBE[kind]]
-        if optim.forward_only(optim.get(r.optimizer)):
-            rows.append([1.0, estimate.working_set(t), 0.0, 0.0])
-            targets.append(measured - e.total)
-        elif estimate.backward_start(t) > e.gradients:
-            rows.append([1.0, 0.0, t.activations, t.logits])
-            targets.append(measured - e.weights - e.optimizer_state - max(t.loss, t.head_gradient))
-        else:
-            rows.append([1.0, 0.0, 0.0, 0.0])
-            targets.append(measured - e.total)
-        weights.append(1.0 / measured)  # relative error: small cells count as much as large ones
-    x = torch.tensor(rows, dtype=torch.float64)
-    coef = _nonnegative_lstsq(x, torch.tensor(targets, dtype=torch.float64), torch.tensor(weights, dtype=torch.float64))
-    present = x.any(dim=0).tolist()
-    scales = (float(coef[j]) if present[j] else 1.0 for j in range(1, 4))
-    return Calibration(kind, True, int(round(float(coef[0]))), *scales)
+    """Overhead and transient multipliers, linear in each: a peak is the persistent parts plus the transient of the
+    phase that holds the most (by the traced bytes): a forward-only method's forwards (a multiple of the traced
+    working set, and its walk's buffers) or its update; backprop's forward and backward start (a multiple of the
+    traced activations), the rest of its backward or its optimizer step (no multiplier shows there). Which phase
+    holds the most depends on the multipliers, so it is chosen under the analytic ones, then again under the fitted
+    ones until the choice settles. A term no cell exercises keeps 1."""
+    shadow = Calibration.load(kind).matmul_shadow
+    decomposed = [(r, *estimate.decompose(r.model, r.optimizer, r.workload, r.dtype, r.precision, kind,
+                                          estimate.shaping(r.hparams), shadow.get(r.dtype, 0.0), r.checkpointing))
+                  for r in cells]
+    calibration, chosen = Calibration(kind, False, 0), None
+    for _ in range(PHASE_ROUNDS):
+        phases = [estimate.peak_phase(candidates, calibration) for _, _, candidates, _ in decomposed]
+        if phases == chosen:
+            break
+        chosen = phases
+        rows, targets, weights = [], [], []
+        for (r, parts, _, _), phase in zip(decomposed, phases, strict=True):
+            measured = r.peak_bytes[estimate.PROBE[kind]]
+            rows.append([1.0, phase.forward, phase.activations])
+            targets.append(measured - parts.total - phase.constant - phase.cache)
+            weights.append(1.0 / measured)  # relative error: small cells count as much as large ones
+        x = torch.tensor(rows, dtype=torch.float64)
+        coef = _nonnegative_lstsq(x, torch.tensor(targets, dtype=torch.float64),
+                                  torch.tensor(weights, dtype=torch.float64))
+        present = x.any(dim=0).tolist()
+        scales = (float(coef[j]) if present[j] else 1.0 for j in range(1, 3))
+        calibration = Calibration(kind, True, int(round(float(coef[0]))), *scales, matmul_shadow=shadow)
+    return calibration
+
+
+#: how often the peak phases are chosen again under the multipliers just fitted, at most
+PHASE_ROUNDS = 5
 
 
 def _extra_bytes(record: Record, calibration: Calibration) -> int:
@@ -134,9 +140,11 @@ def _with_extras(shared: Calibration, cells: Sequence[Record]) -> Calibration:
     for name in dict.fromkeys(r.optimizer for r in cells):
         rows, targets, weights = [], [], []
         for res in residuals([r for r in cells if r.optimizer == name], shared):
-            t = estimate.terms(res.record.model, workloads.get(res.record.workload), res.record.dtype)
-            raw = estimate.forward_peak(t) if optim.forward_only(optim.get(name)) else estimate.backward_start(t)
-            rows.append([raw, predict(res.record, shared).worst.weights])
+            r = res.record
+            *_, raw = estimate.decompose(r.model, r.optimizer, r.workload, r.dtype, r.precision, shared.device,
+                                         estimate.shaping(r.hparams), shared.matmul_shadow.get(r.dtype, 0.0),
+                                         r.checkpointing)
+            rows.append([raw, predict(r, shared).worst.weights])
             targets.append(res.measured - res.predicted)
             weights.append(1.0 / res.measured)
         xw = torch.tensor(rows, dtype=torch.float64) * torch.tensor(weights, dtype=torch.float64)[:, None]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from zomem import calibrate, estimate, records, report
+from zomem import calibrate, estimate, records, tables
 from zomem.errors import UsageError
 from zomem.estimate import Calibration
 
@@ -40,7 +40,7 @@ def main(args: argparse.Namespace) -> int:
     """Print the constants and residuals; store them when asked."""
     calibration, residuals = compute(args)
     print(calibration.to_json())
-    print(report.residual_table(residuals).markdown())
+    print(tables.residual_table(residuals).markdown())
     print(f"worst residual: {100 * (calibration.worst_residual or 0):.1f}% over {calibration.cells} cells")
     target = estimate.CALIBRATION_DIR / f"{calibration.device}.json" if args.write else args.out
     if target is not None:

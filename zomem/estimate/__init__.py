@@ -1,0 +1,422 @@
+"""The estimator: predicted peak bytes per device for a cell, measured or not, for any causal LM.
+
+peak = per-device overhead + weights + optimizer state + gradients + autocast cache + transient. The transient
+is the largest of what each phase of a step holds beyond those parts: a forward-only method's forwards (traced:
+the most a forward of the workload keeps alive, plus the z and scratch blocks its walk holds through the
+forwards) or its update pass (the walk's blocks alone); backprop's forward and the start of its backward (every
+layer's saved activations, the logits and their gradient: traced), or its optimizer step (the gradients and the
+update's temporaries), and the rest of its backward (a checkpointed layer's recomputed activations, a tied
+embedding's two gradients summed). A checkpointed backward is traced checkpointed, and an optimizer that updates inside
+backward (LOMO's) keeps no gradients: its trace frees each as it is made. What a forward and backward keep is traced on
+fake tensors (:mod:`tracing`), so no family's constants are built in; the multipliers that turn traced bytes into what
+a probe sees come from a calibration per device kind (:mod:`calibration`). Several GPUs: forward-only methods are
+placed layer by layer by accelerate on the meta model (:mod:`placement`); first-order methods are sharded as FSDP
+shards them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from zomem import models, optim, workloads
+from zomem.cell import HALF_DTYPES, check_checkpointing, check_precision
+from zomem.errors import UsageError
+from zomem.estimate import placement
+from zomem.estimate.calibration import CALIBRATION_DIR, DEVICE_KINDS, PROBE, Calibration, device_kind
+from zomem.estimate.counts import FLOAT32_BYTES, Shape, meta_model, shape
+from zomem.estimate.tracing import Moment, Trace, trace
+from zomem.optim.base import STATE_DTYPES, compute_dtype, resolve_block_size
+
+__all__ = ["CALIBRATION_DIR", "DEVICE_KINDS", "PRECISIONS", "PROBE", "SCALER_BYTES", "SHAPING_HPARAMS", "Calibration",
+           "DevicePeak", "Estimate", "Linear", "Moment", "Shape", "Trace", "block_bytes", "decompose", "device_kind",
+           "estimate", "meta_model", "peak_phase", "persistent_per_param", "resolve_precision",
+           "shape", "shaping", "trace"]
+
+Precision = Literal["pure", "mixed"]
+PRECISIONS: tuple[Precision, ...] = ("pure", "mixed")
+#: a float16 gradient scaler's state: the scale, its growth tracker and one found-inf flag, 4 bytes each
+SCALER_BYTES = 12
+#: the hyper-parameters that change what a cell keeps: the state's dtype, Adam's implementation, a walk's block, a
+#: low-rank method's rank
+SHAPING_HPARAMS = ("state_dtype", "implementation", "block_size", "rank")
+
+
+def shaping(hparams: dict[str, Any]) -> dict[str, Any]:
+    """The hyper-parameters among ``hparams`` that change what a cell keeps (:data:`SHAPING_HPARAMS`)."""
+    return {k: hparams[k] for k in SHAPING_HPARAMS if k in hparams}
+
+
+def resolve_precision(optimizer: str, dtype: str, precision: str | None = None) -> Precision:
+    """``mixed`` for first-order methods in a half dtype (float32 weights, autocast), else ``pure``."""
+    if precision is None:
+        half = dtype in HALF_DTYPES
+        return "mixed" if half and not optim.forward_only(optim.get(optimizer)) else "pure"
+    check_precision(precision, dtype)
+    return precision  # type: ignore[return-value]
+
+
+@dataclass
+class DevicePeak:
+    """The predicted peak of one device, by part (the parts a record's breakdown has)."""
+
+    weights: int
+    optimizer_state: int
+    gradients: int
+    transient: int
+    overhead: int
+    #: autocast's half-precision copies of the weights, where the peak's phase holds them (mixed precision)
+    autocast_cache: int = 0
+    #: of the transient, the logits (the largest single tensor of a forward-only step with a large vocabulary)
+    logits: int = 0
+
+    @property
+    def total(self) -> int:
+        """The predicted peak bytes of this device."""
+        return (self.weights + self.optimizer_state + self.gradients + self.autocast_cache + self.transient
+                + self.overhead)
+
+
+@dataclass
+class Estimate:
+    """A predicted peak: per device, with the worst device's figure as :attr:`peak_bytes`."""
+
+    model: str
+    optimizer: str
+    workload: str
+    dtype: str
+    precision: Precision
+    device: str
+    gpus: int
+    calibrated: bool
+    devices: list[DevicePeak]
+    #: how the model is spread: "single device", "accelerate device map" or "FSDP full shard"
+    placement: str
+    #: modules accelerate could not place on the GPUs (offloaded to cpu or disk): the model does not fit
+    offloaded: list[str] = field(default_factory=list)
+    #: the hyper-parameters that shaped the prediction (state_dtype, implementation, block_size)
+    hparams: dict[str, Any] = field(default_factory=dict)
+    #: whether the decoder layers recompute their activations in backward (gradient checkpointing)
+    checkpointing: bool = False
+    #: on a GPU, the peak per device of live tensors alone: what ``torch_allocated`` reports
+    tensor_bytes: int | None = None
+
+    @property
+    def peak_bytes(self) -> int:
+        """Predicted peak bytes on the most loaded device, as the device kind's primary probe sees it."""
+        return max(d.total for d in self.devices)
+
+    @property
+    def worst(self) -> DevicePeak:
+        """The most loaded device's breakdown."""
+        return max(self.devices, key=lambda d: d.total)
+
+    @property
+    def peaks(self) -> dict[str, int]:
+        """Predicted peak per probe: the primary one, and on a GPU ``torch_allocated`` too."""
+        out = {PROBE[self.device]: self.peak_bytes}
+        if self.tensor_bytes is not None:
+            out["torch_allocated"] = self.tensor_bytes
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready, with the per-device breakdowns, the worst device's peak and the peak per probe."""
+        data = dataclasses.asdict(self)
+        data["peak_bytes"] = self.peak_bytes
+        data["peaks"] = self.peaks
+        for device, peak in zip(data["devices"], self.devices, strict=True):
+            device["total"] = peak.total
+        return data
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One phase's transient beyond weights, state, gradients and autocast cache, as ``constant + forward_scale·
+    forward + activation_scale·activations``: linear in the calibrated multipliers, the form :mod:`zomem.calibrate`
+    fits. ``cache`` is autocast's cache alive in the phase, a part of its own."""
+
+    constant: float = 0.0
+    forward: float = 0.0
+    activations: float = 0.0
+    cache: float = 0.0
+    #: of the transient, the logits alive in this phase
+    logits: float = 0.0
+
+    def value(self, calibration: Calibration) -> float:
+        """The phase's transient under ``calibration``'s multipliers."""
+        return (self.constant + calibration.forward_scale * self.forward
+                + calibration.activation_scale * self.activations)
+
+
+@dataclass(frozen=True)
+class Persistent:
+    """Bytes per trainable parameter of weights, optimizer state and gradients."""
+
+    weights: float
+    state: float
+    gradients: float
+
+
+def persistent_per_param(optimizer: str, dtype: str, precision: Precision,
+                         hparams: dict[str, Any] | None = None, model: str | None = None) -> Persistent:
+    """Weights in ``dtype`` (float32 in mixed precision); gradients in the weights' dtype for first-order methods
+    (none for one that frees each in backward); state in ``state_dtype`` when the optimizer takes one, else in its
+    ``state_itemsize`` (8-bit moments) or the weights' dtype. A state sized by low-rank factors (the optimizer's
+    ``state_elements``, or ``named_state_elements`` where it picks parameters by name) is counted from ``model``'s
+    parameters."""
+    cls = optim.get(optimizer)
+    weights = FLOAT32_BYTES if precision == "mixed" else models.dtype(dtype).itemsize
+    state_dtype = (hparams or {}).get("state_dtype")
+    state_width = STATE_DTYPES[state_dtype].itemsize if state_dtype else getattr(cls, "state_itemsize", weights)
+    copies = float(getattr(cls, "state_copies", 0.0))
+    elements = getattr(cls, "state_elements", None)
+    named = getattr(cls, "named_state_elements", None)
+    if model is not None and named is not None:
+        shapes = [(name, tuple(p.shape)) for name, p in meta_model(model).named_parameters()]
+        copies = named(shapes, hparams or {}) / shape(model).params
+    elif elements is not None and model is not None:
+        shapes = [tuple(p.shape) for p in meta_model(model).parameters()]
+        copies = elements(shapes, hparams or {}) / shape(model).params
+    gradients = 0.0 if optim.forward_only(cls) or optim.fused_backward(cls) else weights
+    return Persistent(weights, state_width * copies, gradients)
+
+
+def block_bytes(optimizer: str, s: Shape, dtype: str, precision: Precision, device: str,
+                hparams: dict[str, Any] | None = None) -> int:
+    """One block of a zeroth-order walk (its z or a scratch buffer), in the compute dtype; 0 for other methods."""
+    if not issubclass(optim.get(optimizer), optim.ZerothOrder):
+        return 0
+    hparams = hparams or {}
+    size = resolve_block_size(hparams.get("block_size", "auto"), torch.device(device_kind(device)))
+    weights = models.dtype("float32" if precision == "mixed" else dtype)
+    return min(size or s.largest_tensor, s.largest_tensor) * compute_dtype(weights, hparams.get("state_dtype")).itemsize
+
+
+def step_temporary(optimizer: str, s: Shape, weight_width: float, hparams: dict[str, Any] | None = None,
+                   device: str = "cuda") -> float:
+    """Bytes a first-order update allocates beside the gradients on ``device``'s kind: its ``step_temporaries``
+    (copies of all the parameters, and of the largest tensor), for torch's Adam implementations say."""
+    temporaries = getattr(optim.get(optimizer), "step_temporaries", None)
+    if temporaries is None:
+        return 0.0
+    everything, largest = temporaries(hparams or {}, device)
+    return (everything * s.params + largest * s.largest_tensor) * weight_width
+
+
+def peak_phase(candidates: list[Linear], calibration: Calibration) -> Linear:
+    """The phase that holds the most under ``calibration`` (autocast's cache included)."""
+    return max(candidates, key=lambda phase: phase.value(calibration) + phase.cache)
+
+
+def settle(parts: DevicePeak, candidates: list[Linear], calibration: Calibration, extra: float = 0.0) -> DevicePeak:
+    """``parts`` completed with the phase that holds the most: its transient (plus ``extra``), its autocast cache
+    and logits, and the device's overhead."""
+    phase = peak_phase(candidates, calibration)
+    return dataclasses.replace(parts, transient=round(phase.value(calibration) + extra),
+                               overhead=calibration.overhead_bytes, autocast_cache=round(phase.cache),
+                               logits=round(phase.logits))
+
+
+def estimate(model: str, optimizer: str, workload: str, dtype: str = "float32", *, gpus: int = 1,
+             device: str = "cuda", precision: str | None = None, calibration: Calibration | None = None,
+             capacity_bytes: int | None = None, hparams: dict[str, Any] | None = None,
+             checkpointing: bool = False) -> Estimate:
+    """Predicted peak bytes per device of one step of ``optimizer`` on ``model`` and ``workload``.
+
+    ``hparams`` are the optimizer's (``state_dtype``, ``implementation``, ``block_size`` change the prediction);
+    ``checkpointing``: the decoder layers recompute their activations in backward.
+    ``capacity_bytes`` (per GPU) bounds accelerate's placement of a forward-only method over several GPUs;
+    without it the layers are balanced evenly.
+    """
+    if gpus < 1:
+        raise UsageError(f"need at least one GPU, got --gpus {gpus}")
+    kind = device_kind(device)
+    if kind == "cpu" and gpus != 1:
+        raise UsageError("several devices are GPUs: use --device cuda with --gpus")
+    calibration = calibration or Calibration.load(kind)
+    prec = resolve_precision(optimizer, dtype, precision)
+    work = workloads.get(workload)
+    work.check_fits(models.spec(model).positions)
+    hparams = dict(hparams or {})
+    optim.check(optimizer, models.dtype("float32" if prec == "mixed" else dtype), hparams)
+    check_checkpointing(optimizer, checkpointing, "full")
+    cell = _Cell(model, optimizer, work, dtype, prec, kind, hparams, calibration.matmul_shadow.get(dtype, 0.0),
+                 checkpointing)
+    base = dict(model=model, optimizer=optimizer, workload=workload, dtype=dtype, precision=prec, device=kind,
+                gpus=gpus, calibrated=calibration.calibrated, hparams=hparams, checkpointing=checkpointing)
+    if gpus == 1:
+        devices, how, offloaded = [cell.single(calibration)], "single device", []
+        tensors = [cell.single(calibration.tensors_only())]
+    elif cell.backprop:
+        devices, how, offloaded = cell.fsdp(gpus, calibration), "FSDP full shard", []
+        tensors = cell.fsdp(gpus, calibration.tensors_only())
+    else:
+        devices, offloaded = cell.accelerate(gpus, calibration, capacity_bytes)
+        tensors, _ = cell.accelerate(gpus, calibration.tensors_only(), capacity_bytes)
+        how = "accelerate device map"
+    return Estimate(**base, devices=devices, placement=how, offloaded=offloaded,
+                    tensor_bytes=max(d.total for d in tensors) if kind == "cuda" else None)
+
+
+def decompose(model: str, optimizer: str, workload: str, dtype: str, precision: str, device: str,
+              hparams: dict[str, Any] | None = None, shadow: float = 0.0,
+              checkpointing: bool = False) -> tuple[DevicePeak, list[Linear], float]:
+    """One device's persistent parts (transient and overhead 0), each phase's transient, uncalibrated, with a
+    matmul ``shadow`` (:attr:`Calibration.matmul_shadow`), and the traced bytes an optimizer's own ``scale``
+    multiplies: what :mod:`zomem.calibrate` fits the multipliers to."""
+    prec = resolve_precision(optimizer, dtype, precision)
+    cell = _Cell(model, optimizer, workloads.get(workload), dtype, prec, device_kind(device), hparams or {}, shadow,
+                 checkpointing)
+    return (*cell.decompose(), cell.raw())
+
+
+@dataclass(frozen=True)
+class _Cell:
+    """One prediction's inputs, with each phase's transient and the per-device arithmetic of each placement."""
+
+    model: str
+    optimizer: str
+    work: workloads.Workload
+    dtype: str
+    precision: Precision
+    kind: str
+    hparams: dict[str, Any]
+    #: bytes per output element a matmul holds in float32 while it runs (:attr:`Calibration.matmul_shadow`)
+    shadow: float = 0.0
+    checkpointing: bool = False
+
+    @property
+    def backprop(self) -> bool:
+        return not optim.forward_only(optim.get(self.optimizer))
+
+    @property
+    def fused(self) -> bool:
+        """Whether the optimizer updates inside backward, freeing each gradient as it is made."""
+        return optim.fused_backward(optim.get(self.optimizer))
+
+    @property
+    def shape(self) -> Shape:
+        return shape(self.model)
+
+    @property
+    def per_param(self) -> Persistent:
+        return persistent_per_param(self.optimizer, self.dtype, self.precision, self.hparams, self.model)
+
+    def trace(self, batch_size: int | None = None) -> Trace:
+        work = self.work if batch_size is None else dataclasses.replace(self.work, batch_size=batch_size)
+        return trace(self.model, work, self.dtype, self.precision, self.backprop, self.checkpointing, self.fused)
+
+    def logits(self, batch_size: int | None = None) -> int:
+        return workloads.logits_bytes(self.work, models.spec(self.model).vocab, models.dtype(self.dtype), batch_size)
+
+    def head_shadow(self, batch_size: int | None = None) -> float:
+        """The float32 buffer the head's matmul fills first, where the machine's matmul computes into one."""
+        return self.logits(batch_size) / models.dtype(self.dtype).itemsize * self.shadow
+
+    def buffers(self) -> tuple[float, float]:
+        """A zeroth-order walk's block buffers alive during the forwards and during the update pass."""
+        block = block_bytes(self.optimizer, self.shape, self.dtype, self.precision, self.kind, self.hparams)
+        cls = optim.get(self.optimizer)
+        return getattr(cls, "forward_buffers", 0) * block, getattr(cls, "update_buffers", 0) * block
+
+    def scaler(self) -> int:
+        return SCALER_BYTES if self.precision == "mixed" and self.dtype == "float16" and self.backprop else 0
+
+    def phases(self, gradients: float, *, step: float = 0.0, layers: bool = True, head: bool = True,
+               batch_size: int | None = None) -> list[Linear]:
+        """Each phase's transient beyond weights, state, the ``gradients`` counted as a part, and autocast's cache."""
+        t, logits, shadow = self.trace(batch_size), self.logits(batch_size), self.head_shadow(batch_size)
+        if self.backprop:
+            # the forward and the start of the backward, every layer's activations saved (and as the head's matmul
+            # runs, its float32 buffer where the machine has one); then the optimizer step, the gradients made
+            forward, start = t.moments[0], t.moments[1]
+            phases = [Linear(m.gradients - gradients, activations=m.other, cache=m.casts, logits=logits)
+                      for m in (forward, start)]
+            phases.append(Linear(shadow - gradients, activations=t.at_head.other + logits, cache=forward.casts,
+                                 logits=logits))
+            # the layers' backward: a checkpointed layer recomputes its activations beside the gradients made so far,
+            # and where gradients are freed as they are made, a tied embedding's two gradients meet at the end
+            rest = t.moments[2]
+            phases.append(Linear(rest.gradients - gradients, activations=rest.other, cache=rest.casts))
+            return [*phases, Linear(step)]
+        during, after = self.buffers()
+        casts = t.peak.casts if (layers or head) else 0
+        working = max(t.layer_peak if layers else 0, t.head_peak if head else 0) - casts
+        phases = [Linear(during, forward=max(working, 0), cache=casts, logits=logits if head else 0)]
+        if head and shadow:
+            # the head's matmul makes its output and, first, a float32 buffer of it
+            phases.append(Linear(during + shadow, forward=t.at_head.other + logits, cache=casts, logits=logits))
+        return [*phases, Linear(after)]
+
+    def raw(self, *, layers: bool = True, head: bool = True, batch_size: int | None = None) -> float:
+        """The traced bytes an optimizer's own ``scale`` multiplies: a forward's peak, or what backward begins
+        with (a JVP's dual activations, say, grow with them)."""
+        t = self.trace(batch_size)
+        if self.backprop:
+            return t.moments[1].other
+        return max(max(t.layer_peak if layers else 0, t.head_peak if head else 0) - t.peak.casts, 0)
+
+    def extras(self, calibration: Calibration, weight_bytes: float, *, layers: bool = True, head: bool = True,
+               batch_size: int | None = None) -> float:
+        """What this optimizer's cells show beyond the shared constants: ``scale`` times more of :meth:`raw` and
+        ``copies`` of the weights the device holds."""
+        extra = calibration.optimizers.get(self.optimizer, {})
+        return (extra.get("scale", 0.0) * self.raw(layers=layers, head=head, batch_size=batch_size)
+                + extra.get("copies", 0.0) * weight_bytes)
+
+    def decompose(self) -> tuple[DevicePeak, list[Linear]]:
+        """One device's persistent parts (no transient, no overhead) and each phase's transient."""
+        s, p = self.shape, self.per_param
+        parts = DevicePeak(weights=round(s.params * p.weights),
+                           optimizer_state=round(s.params * p.state) + self.scaler(),
+                           gradients=round(s.params * p.gradients), transient=0, overhead=0)
+        step = step_temporary(self.optimizer, s, p.weights, self.hparams, self.kind)
+        return parts, self.phases(parts.gradients, step=step)
+
+    def single(self, calibration: Calibration) -> DevicePeak:
+        parts, candidates = self.decompose()
+        return settle(parts, candidates, calibration, self.extras(calibration, parts.weights))
+
+    def accelerate(self, gpus: int, calibration: Calibration,
+                   capacity: int | None) -> tuple[list[DevicePeak], list[str]]:
+        s, p = self.shape, self.per_param
+        # state and per-weight extras live with their weights
+        per_weight = 1 + p.state / p.weights + calibration.optimizers.get(self.optimizer, {}).get("copies", 0.0)
+
+        def device(on: float, *, layers: bool, head: bool) -> DevicePeak:
+            parts = DevicePeak(weights=round(on * p.weights), optimizer_state=round(on * p.state), gradients=0,
+                               transient=0, overhead=0)
+            return settle(parts, self.phases(0, layers=layers, head=head), calibration,
+                          self.extras(calibration, parts.weights, layers=layers, head=head))
+
+        if capacity is None:
+            budgets = (s.params * p.weights * 2,) * gpus  # room for everything: get_balanced_memory then splits evenly
+        else:
+            # Room for the weights once the overhead, the transient and the state of each device are set aside;
+            # device 0 also holds the tied embedding / LM head, so the logits are computed there.
+            reserve = [device(0, layers=True, head=i == 0).total for i in range(gpus)]
+            budgets = tuple(max(int((capacity - r) / per_weight), 0) for r in reserve)
+        placed = placement.place(self.model, "float32" if self.precision == "mixed" else self.dtype, gpus, budgets)
+        devices = [device(on, layers=i in placed.layer_devices, head=i == placed.head) if on
+                   else DevicePeak(0, 0, 0, 0, calibration.overhead_bytes) for i, on in enumerate(placed.params)]
+        return devices, placed.offloaded
+
+    def fsdp(self, gpus: int, calibration: Calibration) -> list[DevicePeak]:
+        # Full sharding (ZeRO-3), one FSDP unit per decoder layer plus the root unit (embeddings, final norm):
+        # each GPU keeps 1/N of the weights, gradients and state; during compute the root unit and two layer
+        # units (the current one and the prefetched next) are gathered whole, with one layer's full gradients
+        # before its reduce-scatter. Data parallel: each GPU runs ceil(batch/N) examples.
+        s, p = self.shape, self.per_param
+        batch = math.ceil(self.work.batch_size / gpus)
+        weights, gradients = s.params * p.weights / gpus, s.params * p.gradients / gpus
+        gathered = (s.root_params + 2 * s.layer_params) * p.weights + (s.root_params + s.layer_params) * p.gradients
+        parts = DevicePeak(weights=round(weights), optimizer_state=round(s.params * p.state / gpus) + self.scaler(),
+                           gradients=round(gradients), transient=0, overhead=0)
+        candidates = self.phases(parts.gradients, batch_size=batch,
+                                 step=step_temporary(self.optimizer, s, p.weights, self.hparams, self.kind) / gpus)
+        extra = gathered + self.extras(calibration, weights, batch_size=batch)
+        return [settle(parts, candidates, calibration, extra)] * gpus

@@ -1,0 +1,48 @@
+"""What the estimator knows of a model's parameters: counted once on the meta device, for any architecture."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from zomem import models
+
+FLOAT32_BYTES = 4
+
+
+def decoder_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """The model's decoder layers with their names: the modules of the classes transformers keeps whole on one
+    device (``_no_split_modules``)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [(name, m) for name, m in model.named_modules() if type(m).__name__ in names]
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimator needs to know about a model's parameters."""
+
+    spec: models.ModelSpec
+    params: int
+    #: parameters of one decoder layer, and of everything outside the layers (embeddings, final norm, an untied head)
+    layer_params: int
+    root_params: int
+    largest_tensor: int
+
+
+@functools.cache
+def meta_model(model: str) -> torch.nn.Module:
+    """The model on the meta device (cached: placement asks for it repeatedly; dtypes are priced separately)."""
+    return models.build_meta(model)
+
+
+@functools.cache
+def shape(model: str) -> Shape:
+    """Parameter counts of ``model``, tied weights counted once."""
+    meta = meta_model(model)
+    layers = decoder_layers(meta)
+    layer_params = models.param_count(layers[0][1]) if layers else 0
+    params = models.param_count(meta)
+    return Shape(models.spec(model), params, layer_params, params - layer_params * len(layers),
+                 max(p.numel() for p in meta.parameters()))

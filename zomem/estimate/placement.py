@@ -1,0 +1,81 @@
+"""Where a model's weights go over several GPUs: accelerate's balanced device map, computed on the meta model."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+from zomem import models
+from zomem.estimate.counts import decoder_layers, meta_model
+
+
+@contextlib.contextmanager
+def _quiet_accelerate() -> Iterator[None]:
+    # Placing for GPUs that are not in this machine is the point; accelerate warns about each one.
+    # The NVML check keeps torch from initialising CUDA in this (parent) process.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    log = logging.getLogger("accelerate.utils.modeling")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        log.setLevel(level)
+
+
+@functools.lru_cache(maxsize=256)
+def device_map(model: str, dtype: str, budgets: tuple[int, ...]) -> dict[str, int | str]:
+    """accelerate's balanced device map of ``model`` over GPUs with these weight budgets (bytes)."""
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    meta, torch_dtype = meta_model(model), models.dtype(dtype)
+    # a decoder layer is never split across devices (it has a residual connection): each family names its class
+    no_split = list(getattr(meta, "_no_split_modules", None) or ())
+    with _quiet_accelerate():
+        max_memory = get_balanced_memory(meta, dict(enumerate(budgets)), no_split_module_classes=no_split,
+                                         dtype=torch_dtype)
+        return infer_auto_device_map(meta, max_memory, no_split_module_classes=no_split, dtype=torch_dtype)
+
+
+def owner(placement: dict[str, int | str]) -> Callable[[str], int | str]:
+    """A function from a parameter or module name to the device of its most specific placement key."""
+
+    def find(name: str) -> int | str:
+        parts = name.split(".")
+        for end in range(len(parts), -1, -1):
+            key = ".".join(parts[:end])
+            if key in placement:
+                return placement[key]
+        raise KeyError(f"accelerate's device map does not place {name!r}")
+
+    return find
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Parameters per GPU, which GPUs run decoder layers and which the LM head, and what could not be placed."""
+
+    params: list[int]
+    layer_devices: set[int | str]
+    head: int | str
+    offloaded: list[str]
+
+
+def place(model: str, dtype: str, gpus: int, budgets: tuple[int, ...]) -> Placement:
+    """``model``'s parameters over ``gpus`` GPUs as accelerate's map with these weight budgets puts them."""
+    placement = device_map(model, dtype, budgets)
+    find = owner(placement)
+    params = [0] * gpus
+    for name, param in meta_model(model).named_parameters():  # tied weights appear once
+        where = find(name)
+        if isinstance(where, int):
+            params[where] += param.numel()
+    meta = meta_model(model)
+    layers = {find(name) for name, _ in decoder_layers(meta)}
+    head = next(name for name, m in meta.named_modules() if m is meta.get_output_embeddings())
+    return Placement(params, layers, find(head),
+                     [name for name, where in placement.items() if not isinstance(where, int)])
