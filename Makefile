@@ -1,4 +1,5 @@
 # Two commands: `make report` (the main job) and `make test`. Both create the environment if missing.
+# `make gpu-check` is the prepared check for a GPU box (DEVICE=cpu: its dry run on opt-tiny, which `make test` runs).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -8,7 +9,14 @@ REPORT_DIR ?= out/report
 SUITES_ARGS ?= --zomem-model opt-tiny --zomem-device cpu --zomem-workloads sst2
 SUITES_JSON ?= out/suites/opt-tiny.json
 
-.PHONY: report test clean
+# The GPU check runs on whatever interpreter has torch and transformers, this source tree on PYTHONPATH and nothing
+# installed, as on an air-gapped cluster node; it leaves one archive and a log in GPU_CHECK_PACK.
+DEVICE ?= cuda
+GPU_PYTHON ?= $(PYTHON)
+GPU_CHECK_OUT ?= out/gpu-check
+GPU_CHECK_PACK ?= out
+
+.PHONY: report test gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +31,12 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 	mkdir -p $(dir $(SUITES_JSON))
 	$(BIN)/python -m pytest suites/ $(SUITES_ARGS) --benchmark-json $(SUITES_JSON)
+	rm -rf out/gpu-check-cpu
+	$(MAKE) gpu-check DEVICE=cpu GPU_PYTHON=$(BIN)/python GPU_CHECK_OUT=out/gpu-check-cpu GPU_CHECK_PACK=out/gpu-check-cpu
+
+gpu-check:
+	@PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m zomem gpu-check --device $(DEVICE) \
+		--out $(GPU_CHECK_OUT) --pack $(GPU_CHECK_PACK)
 
 clean:
 	rm -rf $(VENV) out

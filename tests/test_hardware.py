@@ -15,6 +15,17 @@ def test_catalog_has_every_card_of_the_spec() -> None:
     assert hardware.gpu("A100-80GB").memory_bytes == 80 * hardware.GIB
 
 
+@pytest.mark.parametrize(("name", "mib"), [
+    ("B200-180GB", 183359), ("H100-NVL-94GB", 95830), ("H20-96GB", 97871), ("L40S-48GB", 46068),
+    ("RTX-A6000-48GB", 49140), ("L4-24GB", 23034), ("A10G-24GB", 23028), ("RTX-5090-32GB", 32607),
+])
+def test_catalog_has_the_cards_rented_now_at_what_their_driver_reports(name: str, mib: int) -> None:
+    gpu = hardware.parse_row(f"2x{name}").gpu
+    assert gpu.memory_bytes == mib * hardware.MIB
+    # the driver reports at most what the data sheet's NN GB (binary, as GPU memory is sold) names
+    assert gpu.memory_gib <= int(name.rsplit("-", 1)[1].removesuffix("GB"))
+
+
 @pytest.mark.parametrize(("text", "count", "name", "gib"), [
     ("4xA100-80GB", 4, "A100-80GB", 80.0),
     ("A100-80GB", 1, "A100-80GB", 80.0),

@@ -8,12 +8,15 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
+from fakes import FakeNvml
 from zomem.probes import (
+    NVML_INTERVAL_S,
+    UNAVAILABLE,
+    WARNING,
     CpuHwm,
     Nvml,
     NvmlUnavailable,
@@ -21,6 +24,7 @@ from zomem.probes import (
     StepTimer,
     TorchAllocated,
     TorchReserved,
+    probe_methods,
     probes_for,
     summarize,
 )
@@ -106,43 +110,6 @@ def test_cpu_hwm_does_not_swallow_errors(cpu_probe: CpuHwm) -> None:
         raise KeyError("from the body")
     assert cpu_probe.peak_bytes is not None
     assert not _sampler_threads()
-
-
-class FakeNvml:
-    """Stands in for pynvml: device used memory and the process list are whatever the test sets; with processes None
-    the process query raises, as on old drivers and in some containers."""
-
-    class NVMLError(Exception):
-        pass
-
-    def __init__(self, *, used: int = GiB, processes: dict[int, int | None] | None = None) -> None:
-        self.used = used
-        self.processes = processes
-        self.init_error: Exception | None = None
-        self.memory_error: Exception | None = None
-        self.queries = 0
-        self.shutdowns = 0
-
-    def nvmlInit(self) -> None:
-        if self.init_error is not None:
-            raise self.init_error
-
-    def nvmlShutdown(self) -> None:
-        self.shutdowns += 1
-
-    def nvmlDeviceGetHandleByIndex(self, index: int) -> tuple[str, int]:
-        return ("gpu", index)
-
-    def nvmlDeviceGetComputeRunningProcesses(self, handle: tuple[str, int]) -> list[SimpleNamespace]:
-        if self.processes is None:
-            raise self.NVMLError("Function Not Found")
-        return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in self.processes.items()]
-
-    def nvmlDeviceGetMemoryInfo(self, handle: tuple[str, int]) -> SimpleNamespace:
-        self.queries += 1
-        if self.memory_error is not None:
-            raise self.memory_error
-        return SimpleNamespace(used=self.used, total=80 * GiB, free=80 * GiB - self.used)
 
 
 def _nvml(fake: FakeNvml, **kwargs: object) -> Nvml:
@@ -308,6 +275,72 @@ def test_probes_for_cuda_maps_to_the_nvml_index(monkeypatch: pytest.MonkeyPatch)
 def test_probes_for_unknown_device() -> None:
     with pytest.raises(ValueError, match="meta"):
         probes_for("meta")
+
+
+def _mig_slice(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
+    # NVML lists whole GPUs; a MIG slice's UUID matches none of them
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "MIG-4b8a1c7e-0000-5f2d-9a1e-3c1d2b7e6f00")
+    monkeypatch.setattr(torch.cuda, "_raw_device_uuid_nvml", lambda: ["GPU-12345678-aaaa-bbbb-cccc-000000000000"])
+    return FakeNvml()
+
+
+def _no_nvml_library(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
+    fake = FakeNvml()
+    fake.init_error = FakeNvml.NVMLError("NVML Shared Library Not Found")  # a container without the capability
+    return fake
+
+
+def _no_device_handle(monkeypatch: pytest.MonkeyPatch) -> FakeNvml:
+    fake = FakeNvml()
+    fake.nvmlDeviceGetHandleByIndex = lambda index: (_ for _ in ()).throw(FakeNvml.NVMLError("No Permission"))
+    return fake
+
+
+@pytest.mark.parametrize("setup", [_mig_slice, _no_nvml_library, _no_device_handle])
+def test_probes_for_cuda_drop_nvml_with_one_warning_where_nvml_cannot_watch_the_gpu(
+        setup, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    active = probes_for("cuda:0", nvml=setup(monkeypatch))
+    assert [probe.name for probe in active] == ["torch_allocated", "torch_reserved"]
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(WARNING) and "nvml probe is dropped" in lines[0]
+    assert probe_methods(torch.device("cuda", 0), active) == {"nvml": UNAVAILABLE}
+
+
+def test_probe_methods_name_how_each_probe_read_and_leave_the_rest_out() -> None:
+    nvml = Nvml(0, nvml=FakeNvml(processes={os.getpid(): GiB}), interval_s=0.001)  # type: ignore[arg-type]
+    with nvml:
+        pass
+    assert probe_methods(torch.device("cuda", 0), [TorchAllocated("cuda:0"), nvml]) == {"nvml": "process"}
+    assert probe_methods(torch.device("cpu"), []) == {}
+
+
+def test_nvml_reads_the_cards_total_as_the_driver_reports_it() -> None:
+    assert Nvml(0, nvml=FakeNvml(total=81559 * MiB)).total() == 81559 * MiB  # type: ignore[arg-type]
+
+
+#: how long each NVML query of a sample takes in the fake. NVML's reference gives no latency. Public measurements of
+#: the nearest driver query, cudaMemGetInfo, are 5–12 µs (pytorch/pytorch#174625, sgl-project/sglang#25225): the
+#: memory query is taken at 20 µs, and the process list, which walks every process on the GPU, at 100 µs.
+MEMORY_INFO_S, PROCESSES_S = 20e-6, 100e-6
+
+
+def test_nvml_sampling_at_its_default_interval_costs_under_one_percent_of_a_step() -> None:
+    # The step's own thread sleeps, so the process's CPU time over the region is the sampler's: what it can take from
+    # a step running beside it, whether it shares the step's core or waits for the GIL. The fake's queries hold the
+    # GIL while they take their time (real ones release it in ctypes), so this errs high.
+    fake = FakeNvml(processes={os.getpid(): GiB}, memory_info_s=MEMORY_INFO_S, processes_s=PROCESSES_S)
+    probe = Nvml(0, nvml=fake)  # type: ignore[arg-type]
+    with probe:
+        pass  # the thread's first start is a one-off, not the cost per second of sampling
+    cpu_s, wall_s = time.process_time(), time.perf_counter()
+    with probe:
+        time.sleep(1.0)
+    cpu_s, wall_s = time.process_time() - cpu_s, time.perf_counter() - wall_s
+    calls_per_s = 2 * probe.samples / wall_s
+    figures = (f"{calls_per_s:.0f} NVML calls/s at {NVML_INTERVAL_S * 1000:.0f} ms, "
+               f"{cpu_s / probe.samples * 1e6:.0f} µs CPU per sample, {cpu_s / wall_s:.2%} of a step")
+    assert probe.samples <= wall_s / NVML_INTERVAL_S + 2, figures  # the periodic ones, and one at either end
+    assert cpu_s / wall_s < 0.01, figures
 
 
 def test_summarize_known_samples() -> None:

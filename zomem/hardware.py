@@ -43,9 +43,19 @@ class HardwareRow:
 
 
 GPUS: Registry[Gpu] = Registry("hardware")
+#: name -> MiB: the total nvidia-smi prints for the card, with ECC as the card ships (on by default on L4, A10G
+#: and L40S, whose totals are therefore below the data sheet's GB)
 for _name, _mib in {
     "A100-40GB": 40960, "A100-80GB": 81920, "V100-16GB": 16160, "V100-32GB": 32510,
     "H100-80GB": 81559, "H200-141GB": 143771, "RTX-3090-24GB": 24576, "RTX-4090-24GB": 24564,
+    "B200-180GB": 183359,  # nvidia-smi, NVIDIA B200
+    "H100-NVL-94GB": 95830,  # nvidia-smi, NVIDIA H100 NVL
+    "H20-96GB": 97871,  # nvidia-smi, NVIDIA H20
+    "L40S-48GB": 46068,  # nvidia-smi, NVIDIA L40S (ECC on)
+    "RTX-A6000-48GB": 49140,  # nvidia-smi, NVIDIA RTX A6000 (ECC off, its default)
+    "L4-24GB": 23034,  # nvidia-smi, NVIDIA L4 (ECC on)
+    "A10G-24GB": 23028,  # nvidia-smi, NVIDIA A10G (ECC on)
+    "RTX-5090-32GB": 32607,  # nvidia-smi, NVIDIA GeForce RTX 5090
 }.items():
     GPUS.register(_name, Gpu(_name, _mib * MIB))
 

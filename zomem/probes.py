@@ -6,6 +6,7 @@ import abc
 import contextlib
 import os
 import statistics
+import sys
 import threading
 import time
 import types
@@ -194,6 +195,14 @@ class NvmlUnavailable(RuntimeError):
     """NVML could not be loaded or initialised."""
 
 
+#: seconds between nvml samples. A sample is two NVML queries, each a call into the driver; at this period sampling
+#: costs under 1% of a step (tests/test_probes.py measures it against a fake NVML whose queries take a generous
+#: real-world time), where 2 ms cost about 10%. Between region boundaries sampling only matters where device memory
+#: falls back: the caching allocator keeps what it reserved, so within a region the driver's figure grows and the
+#: closing sample reads the end state.
+NVML_INTERVAL_S = 0.1
+
+
 class Nvml(Probe):
     """Peak GPU memory as the driver sees it, sampled from a background thread (NVML keeps no peak)."""
 
@@ -204,7 +213,7 @@ class Nvml(Probe):
         device_index: int = 0,
         *,
         baseline_bytes: int | None = None,
-        interval_s: float = 0.002,
+        interval_s: float = NVML_INTERVAL_S,
         nvml: types.ModuleType | None = None,
         pid: int | None = None,
     ) -> None:
@@ -222,7 +231,10 @@ class Nvml(Probe):
             ) from error
         # NVML counts its initialisations; the matching shutdown runs when this probe is collected.
         weakref.finalize(self, self._nvml.nvmlShutdown)
-        self._handle = self._nvml.nvmlDeviceGetHandleByIndex(device_index)
+        try:
+            self._handle = self._nvml.nvmlDeviceGetHandleByIndex(device_index)
+        except Exception as error:  # pynvml raises its own NVMLError subclasses
+            raise NvmlUnavailable(f"NVML cannot open GPU {device_index} ({error})") from error
         self._sampler = _Sampler(self._sample, interval_s)
         self._max_process = 0
         self._max_device = 0
@@ -230,6 +242,10 @@ class Nvml(Probe):
 
     def reading(self) -> int:
         return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).used
+
+    def total(self) -> int:
+        """The card's memory as the driver reports it (what nvidia-smi shows)."""
+        return self._nvml.nvmlDeviceGetMemoryInfo(self._handle).total
 
     def _process_bytes(self) -> int | None:
         try:
@@ -373,13 +389,48 @@ def summarize(samples: Sequence[float]) -> dict[str, float | int]:
     return {"median": float(statistics.median(samples)), "iqr": q75 - q25, "n": len(samples)}
 
 
+#: the start of a line a measuring child writes to stderr for the user; the harness passes such lines on
+WARNING = "zomem: warning: "
+#: ``probe_methods``' word for a probe the device has but this process could not run (nvml without NVML)
+UNAVAILABLE = "unavailable"
+
+
+def warn(message: str) -> None:
+    """Say ``message`` on one line of stderr, marked so that the parent of a measuring child passes it on."""
+    print(WARNING + message, file=sys.stderr, flush=True)
+
+
+def nvml_for(device: torch.device, nvml: types.ModuleType | None = None) -> Nvml:
+    """The nvml probe of the CUDA device ``device``; :class:`NvmlUnavailable` where NVML cannot watch it."""
+    try:
+        # NVML numbers every GPU on the machine; CUDA numbers only those in CUDA_VISIBLE_DEVICES.
+        index = torch.cuda._get_nvml_device_index(device)
+    except (RuntimeError, OSError) as error:  # a MIG slice's UUID names no NVML device; no libnvidia-ml
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        raise NvmlUnavailable(f"NVML cannot find {device} (CUDA_VISIBLE_DEVICES={visible}): {error}") from error
+    return Nvml(index, nvml=nvml)
+
+
 def probes_for(device: torch.device | str, *, nvml: types.ModuleType | None = None) -> list[Probe]:
-    """The memory probes for a device: cpu_hwm on CPU; torch_allocated, torch_reserved and nvml on CUDA."""
+    """The memory probes for a device: cpu_hwm on CPU; torch_allocated, torch_reserved and nvml on CUDA, less nvml
+    (with a warning) where NVML cannot watch the device: a MIG slice, a container without the NVML library."""
     device = torch.device(device)
     if device.type == "cpu":
         return [CpuHwm()]
     if device.type == "cuda":
-        # NVML numbers every GPU on the machine; CUDA numbers only those in CUDA_VISIBLE_DEVICES.
-        index = torch.cuda._get_nvml_device_index(device)
-        return [TorchAllocated(device), TorchReserved(device), Nvml(index, nvml=nvml)]
+        active: list[Probe] = [TorchAllocated(device), TorchReserved(device)]
+        try:
+            active.append(nvml_for(device, nvml))
+        except NvmlUnavailable as error:
+            warn(f"the nvml probe is dropped, peaks come from the torch probes only: {error}")
+        return active
     raise ValueError(f"zomem has memory probes for cpu and cuda devices, not {device}")
+
+
+def probe_methods(device: torch.device, active: Sequence[Probe]) -> dict[str, str]:
+    """Probe name -> how it read its last region, for probes with more than one way; on CUDA, ``nvml`` is
+    :data:`UNAVAILABLE` when it was dropped."""
+    methods = {p.name: p.method for p in active if p.method}
+    if device.type == "cuda" and not any(isinstance(p, Nvml) for p in active):
+        methods[Nvml.name] = UNAVAILABLE
+    return methods
