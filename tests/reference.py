@@ -12,15 +12,24 @@ from zomem.optim import mix
 
 
 def reference_z(step_seed: int, j: int, shape: tuple[int, ...], block: int | None,
-                dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """z of tensor j at step seed s: block k drawn in ``dtype`` from a generator seeded mix(s, j, k), as float64."""
+                dtype: torch.dtype = torch.float64, signs: bool = False) -> torch.Tensor:
+    """z of tensor j at step seed s: block k drawn in ``dtype`` from a generator seeded mix(s, j, k), as float64;
+    N(0, 1), or with ``signs`` Rademacher (−1 or 1, FZOO's)."""
     n = math.prod(shape)
     size = block or n
     pieces = []
     for k, start in enumerate(range(0, n, size)):
         generator = torch.Generator().manual_seed(mix(step_seed, j, k))
-        pieces.append(torch.empty(min(size, n - start), dtype=dtype).normal_(generator=generator))
+        piece = torch.empty(min(size, n - start), dtype=dtype)
+        pieces.append(piece.random_(0, 2, generator=generator) * 2 - 1 if signs else piece.normal_(generator=generator))
     return torch.cat(pieces).double().view(shape)
+
+
+def gaussian(seed: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """N(0, 1) of ``shape`` drawn whole in ``dtype`` from one generator seeded ``seed`` (a low-rank factor), as
+    float64."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.empty(shape, dtype=dtype).normal_(generator=generator).double()
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,12 @@ LARGEST_TENSOR_125M = 50272 * 768 * 4  # the tied token embedding, float32
 
 @pytest.fixture(scope="module")
 def opt125m_sst2(tmp_path_factory: pytest.TempPathFactory) -> dict[str, records.Record]:
-    """inference, mezo and adam on opt-125m sst2, each measured by `zomem run` as a user would."""
+    """inference, mezo and adam on opt-125m sst2, each measured by `zomem run` as a user would (the command in this
+    process, each cell in its own child)."""
     out = tmp_path_factory.mktemp("run") / "records.jsonl"
     for optimizer in ("inference", "mezo", "adam"):
-        subprocess.run([sys.executable, "-m", "zomem", "run", "--model", "opt-125m", "--optimizer", optimizer,
-                        "--workload", "sst2", "--device", "cpu", "--steps", "3", "--out", str(out)], check=True)
+        assert main(["run", "--model", "opt-125m", "--optimizer", optimizer, "--workload", "sst2", "--device", "cpu",
+                     "--steps", "3", "--out", str(out)]) == 0
     return {r.optimizer: r for r in records.read(out)}
 
 
@@ -69,6 +70,22 @@ def test_bad_hparam_is_a_usage_error(capsys, tmp_path: Path) -> None:
     assert main(["run", "--model", "opt-tiny", "--optimizer", "mezo", "--workload", "sst2", "--device", "cpu",
                  "--hparam", "eps=-1", "--out", str(tmp_path / "r.jsonl")]) == 2
     assert "invalid eps" in capsys.readouterr().err
+
+
+def test_a_hyper_parameter_of_the_wrong_type_is_named_with_the_type_it_takes(capsys, tmp_path: Path) -> None:
+    assert main(["run", "--model", "opt-tiny", "--optimizer", "mezo", "--workload", "sst2", "--device", "cpu",
+                 "--hparam", "lr=abc", "--out", str(tmp_path / "r.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "hyper-parameter lr takes a number, got 'abc' (text)" in err and "not supported between" not in err
+    assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_overhead_help_explains_every_option(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["overhead", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--model MODEL the model whose MeZO step is timed" in out
+    assert "--workload WORKLOAD the batch the forwards run on" in out
 
 
 def test_list_names_every_registry(capsys) -> None:

@@ -4,9 +4,8 @@ against a float64 reference in tests/test_optim.py)."""
 import pytest
 import torch
 
-from reference import reference_z
 from zomem import models, workloads
-from zomem.optim import MeZO, decay_groups, mix
+from zomem.optim import MeZO, mix
 from zomem.optim.base import CPU_BLOCK, CUDA_BLOCK, resolve_block_size
 
 LR, EPS, DECAY, SEED, BLOCK = 0.05, 1e-3, 0.1, 7, 4

@@ -5,10 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from processes import gone, measuring_child
 from zomem import fit, records, report, sweep
 from zomem.cell import Cell
 from zomem.cli import main as cli
@@ -50,14 +55,24 @@ def test_peak_memory_table_shows_mib_and_the_ratio_to_mezo() -> None:
     assert "\\toprule" in table.latex() and "cpu\\_hwm" in table.latex()
 
 
+def test_gpu_cells_whose_nvml_probe_could_not_run_show_torch_reserved_and_say_so() -> None:
+    cells = [record_for(Cell("opt-tiny", optimizer, "sst2", device="cuda"), params=1000,
+                        peak_bytes={"torch_allocated": peak * MIB, "torch_reserved": (peak + 50) * MIB},
+                        probe_methods={"nvml": "unavailable"}) for optimizer, peak in (("mezo", 150), ("adam", 350))]
+    table = report.peak_memory(cells)
+    assert table.rows == [["mezo", "200 (1.00x)"], ["adam", "400 (2.00x)"]]
+    assert "`torch_reserved`" in table.notes[0] and "`nvml`" not in table.notes[0]
+    assert {row["probe"] for row in csv.DictReader(io.StringIO(table.csv()))} == {"torch_reserved"}
+
+
 def test_memory_breakdown_lists_each_measured_cell_with_its_state_in_copies_of_the_trainable_parameters() -> None:
     adam = measured("adam", "sst2", 1000, [3.0])
     adam.trainable_params, adam.state_dtype, adam.breakdown_probe = 25 * MIB, "float32", "cpu_hwm"
     adam.breakdown = {"weights": 100 * MIB, "trainable": 100 * MIB, "optimizer_state": 200 * MIB,
-                      "gradients": 100 * MIB, "transient": 350 * MIB}
+                      "gradients": 100 * MIB, "transient": 350 * MIB, "logits": 50 * MIB}
     table = report.memory_breakdown([adam, RECORDS[3]])
     assert table.rows == [["adam", "sst2", "full", f"{25 * MIB:,}", "100.0", "200.0 (2.00P)", "100.0", "350.0",
-                           "1,000", "float32"]]
+                           "50.0", "1,000", "float32"]]
     [row] = csv.DictReader(io.StringIO(table.csv()))
     assert row["optimizer_state_copies"] == "2.0" and row["peak_bytes"] == str(1000 * MIB)
     assert "`cpu_hwm`" in table.notes[0]
@@ -142,3 +157,59 @@ def test_report_command_writes_every_file(tmp_path: Path, capsys: pytest.Capture
     assert len((out / "records.jsonl").read_text().splitlines()) == 3
     assert cli(args) == 2
     assert "--resume" in capsys.readouterr().err
+
+
+REPORT = ["report", "--models", "opt-tiny", "--optimizers", "inference", "mezo", "--workloads", "sst2", "--device",
+          "cpu", "--hardware", "1xA100-80GB"]
+
+
+def test_a_report_into_a_place_that_cannot_be_written_is_refused_before_any_cell_runs(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sweep, "run_cell", lambda *args, **kwargs: pytest.fail("a cell ran"))
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli([*REPORT, "--out", str(blocker / "report")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot write into" in err and "Traceback" not in err
+
+
+def test_a_second_sweep_into_a_folder_in_use_is_refused_naming_the_holder(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sweep, "run_cell", lambda *args, **kwargs: pytest.fail("a cell ran"))
+    out = tmp_path / "report"
+    with sweep.locked(out):
+        assert cli([*REPORT, "--out", str(out), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"another zomem sweep (pid {os.getpid()})" in err
+    assert not (out / "records.jsonl").exists()
+
+
+def test_a_lock_left_by_a_sweep_that_died_is_taken_over(tmp_path: Path) -> None:
+    out = tmp_path / "report"
+    # a holder killed with the lock held, as the kernel's OOM killer or `kill -9` would leave it
+    holder = subprocess.run([sys.executable, "-c", "import os, sys, pathlib; from zomem import sweep\n"
+                             "with sweep.locked(pathlib.Path(sys.argv[1])): os.kill(os.getpid(), 9)", str(out)])
+    assert holder.returncode == -signal.SIGKILL and (out / sweep.LOCK_FILE).read_text().strip().isdigit()
+    with sweep.locked(out):
+        assert (out / sweep.LOCK_FILE).read_text() == f"{os.getpid()}\n"
+    assert (out / sweep.LOCK_FILE).read_text() == ""
+
+
+def test_a_sweep_terminated_mid_cell_keeps_its_records_and_leaves_no_child(tmp_path: Path, faults: None) -> None:
+    out, marker = tmp_path / "report", tmp_path / "stepping"
+    argv = [*REPORT[:4], "inference", "zomem_faults:Sleeps", *REPORT[6:], "--out", str(out)]
+    report_process = subprocess.Popen([sys.executable, "-m", "zomem", *argv], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.PIPE, text=True,
+                                      env={**os.environ, "ZOMEM_FAULT_MARK": str(marker)})
+    try:
+        child = measuring_child(report_process, marker)
+        report_process.send_signal(signal.SIGTERM)  # how Slurm cancels a job, and CI ends one that ran too long
+        _, stderr = report_process.communicate(timeout=60)
+    finally:
+        report_process.kill()
+    assert report_process.returncode == 128 + signal.SIGTERM
+    assert gone(child)
+    said = [line for line in stderr.splitlines() if "zomem report" in line]
+    assert said == ["zomem report: terminated (SIGTERM); records written so far are kept"], stderr
+    assert "Traceback" not in stderr
+    assert [(r.optimizer, r.status) for r in records.read(out / "records.jsonl")] == [("inference", "ok")]

@@ -15,3 +15,8 @@ class UnknownNameError(UsageError, KeyError):
 class CellFailed(RuntimeError):
     """A cell whose child failed for a reason other than memory, where the command cannot go on without its answer:
     reported as a message, exit status 1."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (how Slurm cancels a job and CI enforces a timeout), raised where Ctrl-C would raise
+    KeyboardInterrupt so that it is handled alike: the child in flight is killed, records written are kept."""

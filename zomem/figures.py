@@ -34,17 +34,17 @@ def _size_label(model: str) -> str:
     return model.removeprefix("opt-")
 
 
-def memory_vs_size(records: Sequence[Record], calibration: estimate.Calibration, gpus: Sequence[Gpu]) -> Figure:
-    """Peak memory against OPT size, one panel per workload: measured points solid, the estimator dashed,
-    GPU capacities as horizontal lines."""
+def memory_vs_size(records: Sequence[Record], calibration: estimate.Calibration, gpus: Sequence[Gpu],
+                   ladder: Sequence[str] = tuple(spec.name for spec in models.LADDER)) -> Figure:
+    """Peak memory against model size along ``ladder`` (OPT's by default), one panel per workload: measured points
+    solid, the estimator dashed, GPU capacities as horizontal lines."""
     ok = [r for r in records if r.status == "ok"]
     optimizers = list(dict.fromkeys(r.optimizer for r in records))
     workload_names = list(dict.fromkeys(r.workload for r in records))
-    dtype, tuning = records[0].dtype, records[0].tuning
+    dtype, tuning, precision = records[0].dtype, records[0].tuning, records[0].precision
     colours = _colours(optimizers)
     # the ladder, plus any measured model off it (the test configs), smallest first
-    ladder = sorted({spec.name for spec in models.LADDER} | {r.model for r in ok},
-                    key=lambda m: estimate.shape(m).params)
+    ladder = sorted({*ladder, *(r.model for r in ok)}, key=lambda m: estimate.shape(m).params)
     sizes = [estimate.shape(name).params for name in ladder]
     fig, axes = plt.subplots(1, len(workload_names), figsize=(5.2 * len(workload_names) + 2.6, 5.4),
                              sharey=True, squeeze=False, layout="constrained")
@@ -52,12 +52,15 @@ def memory_vs_size(records: Sequence[Record], calibration: estimate.Calibration,
         for k, optimizer in enumerate(optimizers):
             style = {"color": colours[optimizer], "marker": MARKERS[k % len(MARKERS)]}
             if tuning == "full":  # the estimator models full fine-tuning only
+                hparams = estimate.shaping(next((r.hparams for r in records if r.optimizer == optimizer), {}))
                 predicted = [estimate.estimate(name, optimizer, workload, dtype, device=calibration.device,
-                                               precision="pure", calibration=calibration).peak_bytes / GIB
-                             for name in ladder]
+                                               precision=precision, calibration=calibration,
+                                               hparams=hparams).peak_bytes / GIB for name in ladder]
                 ax.plot(sizes, predicted, linestyle="--", linewidth=1.1, alpha=0.75, markersize=3, **style)
-            measured = sorted((r.params, r.peak_bytes[estimate.PROBE[calibration.device]] / GIB) for r in ok
-                              if r.optimizer == optimizer and r.workload == workload and r.params)
+            probe = estimate.PROBE[calibration.device]  # cells whose probe could not run have no point here
+            measured = sorted((r.params, r.peak_bytes[probe] / GIB) for r in ok
+                              if r.optimizer == optimizer and r.workload == workload and r.params
+                              and probe in r.peak_bytes)
             if measured:
                 xs, ys = zip(*measured, strict=True)
                 ax.plot(xs, ys, linestyle="-", linewidth=2, markersize=7, markeredgecolor="black", **style)
@@ -70,7 +73,7 @@ def memory_vs_size(records: Sequence[Record], calibration: estimate.Calibration,
         ax.set_xticks(sizes, [_size_label(name) for name in ladder], rotation=45, fontsize=8)
         ax.minorticks_off()
         ax.set_title(workload)
-        ax.set_xlabel("OPT parameters")
+        ax.set_xlabel("parameters")
         ax.grid(True, which="major", alpha=0.3)
     axes[0][0].set_ylabel(f"peak memory per device, GiB ({estimate.PROBE[calibration.device]})")
     handles = [Line2D([], [], color=colours[o], marker=MARKERS[k % len(MARKERS)], label=o)

@@ -13,13 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
-
 from zomem import estimate, models
-from zomem.cell import Cell
+from zomem.cell import Cell, nvml_query
 from zomem.errors import CellFailed, UsageError
 from zomem.hardware import GIB, HardwareRow
-from zomem.records import Record, RecordsError
+from zomem.records import Record, RecordsError, method_label
 
 Source = Literal["predicted", "measured"]
 #: the settings of the largest-fit table (SPEC §6): MeZO's memory workload, half-precision weights
@@ -55,6 +53,13 @@ class Fit:
     limit_bytes: int
     answer: str | None
     trials: list[Trial]
+    #: whether the optimizer's cells recompute activations in backward (gradient checkpointing)
+    checkpointing: bool = False
+
+    @property
+    def method(self) -> str:
+        """The optimizer as the largest-fit table names it: ``adam + checkpointing`` for a checkpointed fit."""
+        return method_label(self.optimizer, self.checkpointing)
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready."""
@@ -79,15 +84,17 @@ def search(n: int, fits: Callable[[int], bool], first: int | None = None) -> int
 
 def predict(row: HardwareRow, optimizer: str, workload: str = DEFAULT_WORKLOAD, dtype: str = DEFAULT_DTYPE, *,
             ladder: Sequence[str] = DEFAULT_LADDER, precision: str | None = None,
-            calibration: estimate.Calibration | None = None) -> Fit:
-    """The largest ladder model whose predicted per-GPU peak fits ``row``'s GPUs."""
+            calibration: estimate.Calibration | None = None, checkpointing: bool = False) -> Fit:
+    """The largest ladder model whose predicted per-GPU peak fits ``row``'s GPUs (with gradient checkpointing, if
+    asked)."""
     calibration = calibration or estimate.Calibration.load("cuda")
     capacity = row.gpu.memory_bytes
     trials: dict[int, Trial] = {}
 
     def fits(i: int) -> bool:
         e = estimate.estimate(ladder[i], optimizer, workload, dtype, gpus=row.count, device="cuda",
-                              precision=precision, calibration=calibration, capacity_bytes=capacity)
+                              precision=precision, calibration=calibration, capacity_bytes=capacity,
+                              checkpointing=checkpointing)
         ok = e.peak_bytes <= capacity and not e.offloaded
         detail = {"per_gpu": dataclasses.asdict(e.worst), "placement": e.placement}
         if e.offloaded:
@@ -98,13 +105,13 @@ def predict(row: HardwareRow, optimizer: str, workload: str = DEFAULT_WORKLOAD, 
     def roughly_fits(i: int) -> bool:
         # One device's estimate with the persistent parts split evenly: no placement, so it costs nothing.
         d = estimate.estimate(ladder[i], optimizer, workload, dtype, device="cuda", precision=precision,
-                              calibration=calibration).worst
+                              calibration=calibration, checkpointing=checkpointing).worst
         return d.overhead + d.transient + (d.weights + d.optimizer_state + d.gradients) / row.count <= capacity
 
     found = search(len(ladder), fits, first=search(len(ladder), roughly_fits))
     prec = estimate.resolve_precision(optimizer, dtype, precision)
     return Fit(row.name, optimizer, workload, dtype, prec, "predicted", capacity,
-               ladder[found] if found >= 0 else None, [trials[i] for i in sorted(trials)])
+               ladder[found] if found >= 0 else None, [trials[i] for i in sorted(trials)], checkpointing)
 
 
 def measure(cell: Cell, limit_bytes: int, label: str, run: RunCell, *, ladder: Sequence[str] = DEFAULT_LADDER,
@@ -114,7 +121,7 @@ def measure(cell: Cell, limit_bytes: int, label: str, run: RunCell, *, ladder: S
     ``cell`` is the template (its model is replaced along the ladder); on a GPU it should carry
     ``memory_cap_bytes`` so the allocator stops where the emulated card would. ``guess`` seeds the search.
     """
-    probe = estimate.PROBE[estimate.device_kind(measurable(cell).device)]
+    probe = estimate.PROBE[estimate.device_kind(cell.device)]
     trials: dict[int, Trial] = {}
 
     def fits(i: int) -> bool:
@@ -124,9 +131,13 @@ def measure(cell: Cell, limit_bytes: int, label: str, run: RunCell, *, ladder: S
             last_line = (record.error or "no message").strip().splitlines()[-1]
             raise CellFailed(f"{ladder[i]} with {cell.optimizer} failed, so whether it fits is unknown (its record "
                              f"holds the child's stderr): {last_line}")
-        peak = record.peak_bytes.get(probe) if record.status == "ok" else None
-        ok = peak is not None and peak <= limit_bytes
-        detail: dict[str, Any] = {"status": record.status, "probe": probe}
+        peak, judged_by = judged_peak(record, probe)
+        # A real card of this size gives CUDA its total less the driver's reserve, as the card measuring it does.
+        reserve = record.cuda_memory.get("reserve", 0)
+        ok = peak is not None and peak <= limit_bytes - reserve
+        detail: dict[str, Any] = {"status": record.status, "probe": judged_by}
+        if reserve:
+            detail["reserve"] = reserve
         if record.error:
             detail["error"] = record.error_line
         trials[i] = Trial(ladder[i], peak, ok, detail)
@@ -134,35 +145,53 @@ def measure(cell: Cell, limit_bytes: int, label: str, run: RunCell, *, ladder: S
 
     first = list(ladder).index(guess) if guess in ladder else None
     found = search(len(ladder), fits, first)
-    return Fit(label, cell.optimizer, cell.workload, cell.dtype, "pure", "measured", limit_bytes,
-               ladder[found] if found >= 0 else None, [trials[i] for i in sorted(trials)])
+    return Fit(label, cell.optimizer, cell.workload, cell.dtype, cell.precision, "measured", limit_bytes,
+               ladder[found] if found >= 0 else None, [trials[i] for i in sorted(trials)], cell.checkpointing)
 
 
-def measurable(cell: Cell) -> Cell:
-    """``cell``, if a cell can measure what a fit of it means: a half-precision first-order method is trained in
-    mixed precision, which a cell (every tensor in one dtype) does not run."""
-    if estimate.resolve_precision(cell.optimizer, cell.dtype) == "mixed":
-        raise UsageError(f"a measured cell runs every tensor in {cell.dtype}; mixed-precision {cell.optimizer} can "
-                         "only be predicted (use --predict, or --dtype float32)")
-    return cell
+#: what a fit on a GPU without NVML judges by: the allocator's reserved peak plus the CUDA context measured at start
+RESERVED_AND_CONTEXT = "torch_reserved+context"
 
 
-def guess(limit_bytes: int, optimizer: str, workload: str, dtype: str, device: str,
-          ladder: Sequence[str] = DEFAULT_LADDER) -> str | None:
-    """The estimator's answer on one device of ``limit_bytes``: where a measured search starts."""
-    calibration = estimate.Calibration.load(device)
+def judged_peak(record: Record, probe: str) -> tuple[int | None, str]:
+    """The peak that decides whether ``record``'s model fits, and where it comes from: ``probe``'s peak, or on a GPU
+    whose nvml probe was dropped, :data:`RESERVED_AND_CONTEXT` (what nvml counts, bar memory CUDA allocates outside
+    the caching allocator). None when the cell did not run."""
+    if record.status != "ok":
+        return None, probe
+    if probe in record.peak_bytes:
+        return record.peak_bytes[probe], probe
+    if probe == "nvml" and "torch_reserved" in record.peak_bytes and "context" in record.cuda_memory:
+        return record.peak_bytes["torch_reserved"] + record.cuda_memory["context"], RESERVED_AND_CONTEXT
+    raise CellFailed(f"{record.model} with {record.optimizer} ran, but its record has no {probe} peak to judge a fit "
+                     f"by (peaks: {', '.join(record.peak_bytes) or 'none'})")
+
+
+def template(model: str, optimizer: str, workload: str, dtype: str, precision: str | None, device: str,
+             **settings: Any) -> Cell:
+    """The validated cell a measured fit of ``optimizer`` runs along the ladder, in the precision a prediction of it
+    assumes (mixed for a first-order method in a half dtype, unless ``precision`` says otherwise); ``settings`` are
+    the cell's others (steps, ``checkpointing`` …)."""
+    prec = estimate.resolve_precision(optimizer, dtype, precision)
+    return Cell(model, optimizer, workload, dtype=dtype, precision=prec, device=device, steps=1, **settings).validated()
+
+
+def guess(limit_bytes: int, cell: Cell, ladder: Sequence[str] = DEFAULT_LADDER) -> str | None:
+    """The estimator's answer for ``cell`` on one device of ``limit_bytes``: where a measured search starts."""
+    calibration = estimate.Calibration.load(cell.device)
     found = search(len(ladder), lambda i: estimate.estimate(
-        ladder[i], optimizer, workload, dtype, device=device, precision="pure",
-        calibration=calibration).peak_bytes <= limit_bytes)
+        ladder[i], cell.optimizer, cell.workload, cell.dtype, device=cell.device, precision=cell.precision,
+        calibration=calibration, hparams=cell.hparams, checkpointing=cell.checkpointing).peak_bytes <= limit_bytes)
     return ladder[found] if found >= 0 else None
 
 
-def gpu_cell(row: HardwareRow, template: Cell, device_total_bytes: int) -> Cell:
-    """The cell template for a measured fit on one GPU that emulates ``row``'s card with a memory cap."""
+def gpu_cell(row: HardwareRow, template: Cell, device_total_bytes: int | None) -> Cell:
+    """The cell template for a measured fit on one GPU that emulates ``row``'s card with a memory cap (where NVML
+    cannot read this GPU's size, ``device_total_bytes`` is None and the measuring child checks it)."""
     if row.count != 1:
         raise UsageError(f"{row.name}: a measured fit emulates one card; several GPUs can only be predicted "
                          f"(use --predict, or 1x{row.gpu.name})")
-    if row.gpu.memory_bytes > device_total_bytes:
+    if device_total_bytes is not None and row.gpu.memory_bytes > device_total_bytes:
         raise UsageError(f"this GPU has {device_total_bytes / GIB:.1f} GiB and cannot emulate a "
                          f"{row.gpu.memory_gib:.1f} GiB {row.gpu.name}: use --predict")
     return dataclasses.replace(template, memory_cap_bytes=row.gpu.memory_bytes)
@@ -177,7 +206,7 @@ def append(path: Path, result: Fit) -> None:
 
 def read(path: Path, workload: str, dtype: str) -> list[Fit]:
     """The fits in ``path`` (if it exists) made for ``workload`` and ``dtype``: the latest per hardware and
-    optimizer."""
+    optimizer (checkpointed or not)."""
     if not path.exists():
         return []
     latest: dict[tuple[str, str], Fit] = {}
@@ -191,18 +220,11 @@ def read(path: Path, workload: str, dtype: str) -> list[Fit]:
         except (ValueError, TypeError, KeyError) as exc:
             raise RecordsError(f"{path}:{number}: corrupt fit: {exc}") from exc
         if (result.workload, result.dtype) == (workload, dtype):
-            latest[(result.hardware, result.optimizer)] = result
+            latest[(result.hardware, result.method)] = result
     return list(latest.values())
 
 
-def gpu_total_bytes(device: str, nvml: Any = None) -> int:
+def gpu_total_bytes(device: str, nvml: Any = None) -> int | None:
     """The memory of the GPU ``device`` names, read through NVML so that this (parent) process never initialises
-    CUDA."""
-    if nvml is None:
-        import pynvml as nvml  # only a GPU box has the driver NVML needs
-    index = torch.cuda._get_nvml_device_index(torch.device(device).index or 0)
-    nvml.nvmlInit()
-    try:
-        return int(nvml.nvmlDeviceGetMemoryInfo(nvml.nvmlDeviceGetHandleByIndex(index)).total)
-    finally:
-        nvml.nvmlShutdown()
+    CUDA; None where NVML cannot read it (a MIG slice, a container without NVML)."""
+    return nvml_query(device, lambda nvml, handle: int(nvml.nvmlDeviceGetMemoryInfo(handle).total), nvml)

@@ -39,23 +39,35 @@ class Record:
     peak_bytes: dict[str, int] = field(default_factory=dict)
     #: probe name -> bytes read before the model was built (the process floor)
     baseline_bytes: dict[str, int] = field(default_factory=dict)
-    #: weights, trainable, optimizer_state, gradients, transient -> bytes
+    #: weights, trainable, optimizer_state, gradients, autocast_cache, transient -> bytes; and logits, the share
+    #: of the transient that one forward's logits take
     breakdown: dict[str, int] = field(default_factory=dict)
     #: the probe whose peak the transient part of the breakdown was derived from
     breakdown_probe: str | None = None
     #: probe name -> how it read its peak, for probes with more than one way (cpu_hwm: clear_refs or psutil;
-    #: nvml: process, device-minus-baseline or device)
+    #: nvml: process, device-minus-baseline or device; ``unavailable`` where NVML could not watch the GPU)
     probe_methods: dict[str, str] = field(default_factory=dict)
+    #: CUDA cells: the card at the start, before the model was built (cuda_total, cuda_free, this process's context;
+    #: where NVML reads the card, nvml_total and the driver's reserve = nvml_total - cuda_free - context) and, when
+    #: emulating a smaller card, the allocator cap applied (the card's total less that reserve), in bytes
+    cuda_memory: dict[str, int] = field(default_factory=dict)
     #: median, iqr (seconds) and n (steps)
     step_seconds: dict[str, float] = field(default_factory=dict)
     #: phase -> median seconds per step
     phases: dict[str, float] = field(default_factory=dict)
     forwards_per_step: float | None = None
+    #: the optimizer's step count (from 0) at the first measured step: past the warm-up, and past each method's own
+    #: start-up (a full AdaMeZO window, ZO-AdaMU's annealed phase)
+    timed_from_step: int | None = None
     steps: int | None = None
     warmup: int | None = None
     #: examples per warm-up step, when fewer than the workload's batch
     warmup_batch: int | None = None
     candidates: int = 1
+    #: ``pure`` (every tensor in ``dtype``) or ``mixed`` (float32 weights, forwards under autocast in ``dtype``)
+    precision: str = "pure"
+    #: whether each decoder layer's activations were recomputed in backward instead of kept (gradient checkpointing)
+    checkpointing: bool = False
     state_dtype: str | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
@@ -68,9 +80,17 @@ class Record:
         return self.error.splitlines()[0] if self.error else ""
 
     @property
+    def method(self) -> str:
+        """The optimizer as tables name it: ``adam + checkpointing`` for a checkpointed cell."""
+        return method_label(self.optimizer, self.checkpointing)
+
+    @property
     def key(self) -> tuple[str, str, str, str, str, str]:
-        """What identifies a cell: two records with the same key measured the same thing."""
-        return (self.model, self.optimizer, self.workload, self.tuning, self.dtype, self.device)
+        """What identifies a cell: two records with the same key measured the same thing (a mixed-precision cell's
+        dtype reads ``mixed-bfloat16`` and a checkpointed cell's optimizer ``adam + checkpointing``, so other cells
+        keep the names they had before precision and checkpointing were recorded)."""
+        dtype = self.dtype if self.precision == "pure" else f"mixed-{self.dtype}"
+        return (self.model, self.method, self.workload, self.tuning, dtype, self.device)
 
     def to_json(self) -> str:
         """One line of JSON, keys in field order."""
@@ -86,6 +106,11 @@ class Record:
         if data.get("schema", SCHEMA) != SCHEMA:
             raise ValueError(f"record schema {data.get('schema')} is not {SCHEMA}")
         return cls(**data)
+
+
+def method_label(optimizer: str, checkpointing: bool) -> str:
+    """``optimizer``, or ``optimizer + checkpointing`` when the cell recomputes activations in backward."""
+    return f"{optimizer} + checkpointing" if checkpointing else optimizer
 
 
 def append(path: str | Path, record: Record) -> None:

@@ -37,11 +37,23 @@ LEARNING_RATES: dict[str, tuple[float, float, float, float, float, float]] = {
     "zo-adamu": (0.2, 0.2, 0.2, 0.2, 0.01, 0.001),
     "hizoo": (0.1, 0.1, 0.1, 0.1, 0.01, 0.001),
     "adamezo": (0.1, 0.1, 0.1, 0.1, 0.1, 0.1),
+    # a 2-D point is one vector: LOZO, SubZero and LeZO walk it as MeZO does
+    "lozo": (0.1, 0.1, 0.1, 0.1, 0.01, 0.001),
+    "lozo-m": (0.1, 0.1, 0.1, 0.3, 0.01, 0.001),
+    "subzero": (0.1, 0.1, 0.1, 0.1, 0.01, 0.001),
+    "sparse-mezo": (0.1, 0.1, 0.1, 0.1, 0.01, 0.001),
+    "lezo": (0.1, 0.1, 0.1, 0.1, 0.01, 0.001),
+    "fzoo": (0.3, 0.3, 0.3, 0.3, 0.1, 0.1),
+    "mezo-svrg": (0.01, 0.03, 0.03, 0.03, 0.001, 0.0003),
 }
 #: optimizers not listed take their own defaults and this learning rate
 FALLBACK_LR = 0.01
-#: beyond the learning rate: HiZOO's Hessian must adapt within a thousand steps, not a million
-HPARAMS: dict[str, dict[str, Any]] = {"hizoo": {"hessian_smooth": 1e-3}, "zo-sgd-mmt": {"momentum": 0.9}}
+#: beyond the learning rate: HiZOO's Hessian must adapt within a thousand steps, not a million; Sparse MeZO's mask
+#: must keep both coordinates of the point (⌈(1 − s)·2⌉ = 2), or the smaller one alone would move, for ever
+HPARAMS: dict[str, dict[str, Any]] = {"hizoo": {"hessian_smooth": 1e-3}, "zo-sgd-mmt": {"momentum": 0.9},
+                                      "sparse-mezo": {"sparsity": 0.25}}
+#: MeZO-SVRG's snapshot steps take this multiple of its learning rate (η̄ = 3η)
+SNAPSHOT_LR_RATIO = 3.0
 Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -105,11 +117,14 @@ class Path2D:
 
 
 def hparams_for(name: str, function: TestFunction, steps: int) -> dict[str, Any]:
-    """The optimizer's hyper-parameters on ``function``; ZO-AdaMU anneals over the whole budget."""
+    """The optimizer's hyper-parameters on ``function``; ZO-AdaMU anneals over the whole budget; MeZO-SVRG's snapshot
+    learning rate follows its learning rate."""
     index = [f.key for f in FUNCTIONS].index(function.key)
     hparams = {**HPARAMS.get(name, {}), "lr": LEARNING_RATES[name][index] if name in LEARNING_RATES else FALLBACK_LR}
     if name == "zo-adamu":
         hparams.update(total_steps=steps, t1=steps // 10)
+    if name == "mezo-svrg":
+        hparams["snapshot_lr"] = SNAPSHOT_LR_RATIO * hparams["lr"]
     return hparams
 
 

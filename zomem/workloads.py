@@ -97,6 +97,11 @@ for _workload in (
         provenance="A stress shape, not a dataset statistic: one sequence filling OPT's 2048 positions, "
         "language-modelling loss on every next token.",
     ),
+    Workload(
+        "long4096", 1, 4096, "generation", targets=4095,
+        provenance="A stress shape, not a dataset statistic: one sequence of 4096 tokens (Llama 2's context), "
+        "language-modelling loss on every next token; longer than OPT's positions, so refused there.",
+    ),
 ):
     WORKLOADS.register(_workload.name, _workload)
 
@@ -136,6 +141,13 @@ def get(name: str) -> Workload:
     return WORKLOADS.get(name)
 
 
+def logits_bytes(workload: Workload, vocab: int, dtype: torch.dtype, batch_size: int | None = None) -> int:
+    """Bytes of the logits one forward of ``workload`` makes (every position's, in the dtype the head's matmul
+    runs in): with a large vocabulary, the largest tensor of a forward-only step."""
+    sequences = (batch_size or workload.batch_size) * workload.candidates
+    return sequences * workload.seq_len * vocab * dtype.itemsize
+
+
 @dataclass
 class Batch:
     """Synthetic inputs for one step: token ids, and what the loss compares them with."""
@@ -154,7 +166,7 @@ def make_batch(workload: Workload, vocab_size: int, device: torch.device | str =
     input_ids = torch.randint(0, vocab_size, shape, generator=generator)
     labels_high = workload.targets if workload.loss == "classification" else workload.candidates
     labels = torch.randint(0, labels_high, (workload.batch_size,), generator=generator)
-    label_words = torch.randperm(vocab_size, generator=generator)[: workload.targets]
+    label_words = torch.randperm(vocab_size, generator=generator)[: workload.targets].clone()  # not the whole perm
     return Batch(
         input_ids=input_ids.to(device),
         attention_mask=torch.ones(shape, dtype=torch.long, device=device),

@@ -3,6 +3,8 @@
 import os
 import signal
 import sys
+import time
+from pathlib import Path
 
 import torch
 
@@ -23,3 +25,12 @@ class Crashes(MeZO):
 class KilledByKernel(MeZO):
     def step(self, closure):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Sleeps(MeZO):
+    """A step that never ends in a test's time: it touches the file $ZOMEM_FAULT_MARK, so the test knows the cell is
+    in flight, and sleeps."""
+
+    def step(self, closure):
+        Path(os.environ["ZOMEM_FAULT_MARK"]).touch()
+        time.sleep(600)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
+import types
 
-from zomem.cli import calibrate, compare, estimate, fit, list_, overhead, report, run, trajectories
-from zomem.errors import CellFailed, UsageError
+from zomem.cli import (blocks, calibrate, compare, estimate, fit, gpucheck, list_, overhead, report, run, timeline,
+                       trajectories)
+from zomem.errors import CellFailed, Terminated, UsageError
 from zomem.records import RecordsError
 
-COMMANDS = (run, report, estimate, fit, calibrate, list_, compare, trajectories, overhead)
+COMMANDS = (run, report, timeline, estimate, fit, calibrate, list_, compare, trajectories, overhead, blocks,
+            gpucheck)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,10 +26,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, frame: types.FrameType | None) -> None:
+    raise Terminated
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point: bad input is a one-line message and exit status 2, never a traceback."""
+    """Entry point: bad input is a one-line message and exit status 2, never a traceback; SIGTERM is met as Ctrl-C."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         return args.func(args) or 0
     except (UsageError, RecordsError) as exc:
@@ -38,9 +47,14 @@ def main(argv: list[str] | None = None) -> int:
         # The reader left (`zomem list | head`): point stdout at /dev/null so the exit-time flush stays quiet too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except Terminated:
+        print(f"zomem {args.command}: terminated (SIGTERM); records written so far are kept", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"zomem {args.command}: interrupted; records written so far are kept", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from zomem import fit, hardware, sweep
-from zomem.cell import Cell, resolve_device
+from zomem import fit, hardware, models, sweep
+from zomem.cell import resolve_device
 from zomem.errors import UsageError
 from zomem.fit import Fit
 from zomem.harness import run_cell
@@ -22,7 +22,7 @@ DEFAULT_RECORDS = Path("out/fit/records.jsonl")
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``zomem fit``."""
-    parser = sub.add_parser("fit", help="find the largest OPT that fits given GPUs (or a CPU memory budget)",
+    parser = sub.add_parser("fit", help="find the largest model of a family that fits given GPUs (or a CPU budget)",
                             description="Predict (default) or measure the largest ladder model whose step fits.")
     parser.add_argument("--hardware", nargs="+", default=None, metavar="NxTYPE",
                         help="GPU rows such as 1xA100-80GB, 8xV100-32GB or 2xMYCARD:48 (default: 1/2/4/8 x "
@@ -32,9 +32,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default=fit.DEFAULT_DTYPE, choices=list(DTYPES),
                         help="weights dtype (default: float16; first-order methods then in mixed precision)")
     parser.add_argument("--precision", choices=["pure", "mixed"], default=None,
-                        help="override the precision a prediction assumes")
-    parser.add_argument("--models", nargs="+", default=list(fit.DEFAULT_LADDER),
-                        help="the ladder to search, smallest first (default: the OPT ladder)")
+                        help="what the cells run: pure (every tensor in --dtype) or mixed (float32 weights, autocast "
+                        "to --dtype); default: mixed for first-order methods in a half dtype, else pure")
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="with gradient checkpointing (first-order methods): the largest-fit table's "
+                        "'OPTIMIZER + checkpointing' variant")
+    parser.add_argument("--family", default="opt", help="the family whose models are the ladder to search: "
+                        f"{', '.join(f for f in models.FAMILIES if f != 'test')} (default: opt)")
+    parser.add_argument("--models", nargs="+", default=None,
+                        help="the ladder to search, smallest first: any models, config.json paths too (instead of "
+                        "--family)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--predict", action="store_const", dest="mode", const="predict",
                       help="ask the estimator (default)")
@@ -53,26 +60,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def compute(args: argparse.Namespace) -> list[Fit]:
     """Every (hardware row or budget) × optimizer fit the options ask for."""
+    args.models = args.models or list(models.ladder(args.family))
     if args.mode == "predict":
         if args.budget is not None:
             raise UsageError("--budget is for --measure on CPU; predictions are made for --hardware rows")
         rows = [hardware.parse_row(text) for text in args.hardware or hardware.DEFAULT_ROWS]
-        return [fit.predict(row, o, args.workload, args.dtype, ladder=args.models, precision=args.precision)
+        return [fit.predict(row, o, args.workload, args.dtype, ladder=args.models, precision=args.precision,
+                            checkpointing=args.checkpointing)
                 for row in rows for o in args.optimizer]
-    if args.precision is not None:
-        raise UsageError("a measured fit runs every tensor in --dtype; --precision is for predictions")
     device = resolve_device(args.device)
     steps = {k: v for k, v in sweep.defaults(device).items() if k != "steps"}
     # Everything is checked before the first cell runs: a bad row or optimizer must not cost an hour of trials.
-    templates = [fit.measurable(Cell(args.models[0], o, args.workload, dtype=args.dtype, device=device, steps=1,
-                                     **steps).validated()) for o in args.optimizer]
+    templates = [fit.template(args.models[0], o, args.workload, args.dtype, args.precision, device,
+                              checkpointing=args.checkpointing, **steps)
+                 for o in args.optimizer]
     run = functools.partial(run_cell, out=args.records)
     if device == "cpu":
         if args.budget is None:
             raise UsageError("--measure on CPU needs a memory budget, e.g. --budget 2GiB")
         label = f"cpu budget {args.budget / GIB:.3g} GiB"
         return [fit.measure(t, args.budget, label, run, ladder=args.models,
-                            guess=fit.guess(args.budget, t.optimizer, args.workload, args.dtype, "cpu", args.models))
+                            guess=fit.guess(args.budget, t, args.models))
                 for t in templates]
     if args.budget is not None:
         raise UsageError("--budget is for CPU; on a GPU each --hardware card is emulated with a memory cap")
@@ -81,12 +89,15 @@ def compute(args: argparse.Namespace) -> list[Fit]:
     cells = [(row, fit.gpu_cell(row, t, total)) for t in templates for row in rows]
     return [fit.measure(cell, row.gpu.memory_bytes, row.name, run, ladder=args.models,
                         guess=fit.predict(row, cell.optimizer, args.workload, args.dtype, ladder=args.models,
-                                          precision="pure").answer)
+                                          precision=cell.precision, checkpointing=cell.checkpointing).answer)
             for row, cell in cells]
 
 
-def emulable(total_bytes: int) -> list[hardware.HardwareRow]:
+def emulable(total_bytes: int | None) -> list[hardware.HardwareRow]:
     """The default rows one GPU of ``total_bytes`` can emulate: single cards no larger than itself."""
+    if total_bytes is None:
+        raise UsageError("NVML cannot read this GPU's memory (a MIG slice, or a container without NVML), so which "
+                         "default rows it can emulate is unknown; name them with --hardware, e.g. 1xV100-16GB")
     rows = [hardware.parse_row(text) for text in hardware.DEFAULT_ROWS]
     found = [row for row in rows if row.count == 1 and row.gpu.memory_bytes <= total_bytes]
     if not found:
@@ -107,7 +118,7 @@ def render(results: list[Fit]) -> str:
     rows = []
     for f in results:
         tried = ", ".join(f"{t.model} {'fits' if t.fits else 'no'} " + _peak(t) for t in f.trials)
-        rows.append([f.hardware, f.optimizer, f.answer or "none", f.source, tried])
+        rows.append([f.hardware, f.method, f.answer or "none", f.source, tried])
     return tabulate(rows, headers=["hardware", "optimizer", "largest fit", "source", "models tried (peak per GPU)"],
                     tablefmt="github", disable_numparse=True)
 

@@ -11,18 +11,22 @@ from zomem import models, optim, workloads
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``zomem list``."""
-    parser = sub.add_parser("list", help="list the known models, optimizers and workloads")
+    parser = sub.add_parser("list", help="list the known models (by family), optimizers and workloads")
     parser.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
     """Print one table per registry."""
     model_rows = []
-    for name in models.MODELS.names():
-        spec = models.spec(name)
-        params = models.param_count(models.build_meta(spec))
-        model_rows.append((name, f"{params / 1e6:,.1f}M", spec.layers, spec.hidden, spec.heads, spec.vocab))
-    print(tabulate(model_rows, headers=("model", "params", "layers", "hidden", "heads", "vocab"), tablefmt="github"))
+    for family, names in models.FAMILIES.items():
+        for name in names:
+            spec = models.spec(name)
+            params = spec.params or models.param_count(models.build_meta(spec))
+            model_rows.append((family, name, f"{params:,}", spec.layers, spec.hidden, spec.heads, spec.kv_heads,
+                               spec.vocab, "tied" if spec.tied else "untied"))
+    print(tabulate(model_rows, headers=("family", "model", "parameters", "layers", "hidden", "heads", "kv heads",
+                                        "vocab", "head"), tablefmt="github", disable_numparse=True))
+    print("\nany causal LM from a local config: --model path/to/config.json (or its folder)")
     print()
     optimizer_rows = []
     for name in optim.OPTIMIZERS.names():

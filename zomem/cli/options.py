@@ -6,6 +6,7 @@ import argparse
 import json
 from typing import Any
 
+from zomem.cell import PRECISIONS
 from zomem.models import DTYPES, TUNINGS
 
 
@@ -21,12 +22,19 @@ def parse_hparam(text: str) -> tuple[str, Any]:
 
 
 def add_cell_options(parser: argparse.ArgumentParser, *, steps: int | None = 3, steps_help: str | None = None) -> None:
-    """Options that shape how each cell runs: device, dtype, tuning, steps, hyper-parameters.
+    """Options that shape how each cell runs: device, dtype, precision, tuning, checkpointing, steps,
+    hyper-parameters.
 
     ``steps=None`` leaves the step count to the command (say how in ``steps_help``)."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--precision", default="pure", choices=list(PRECISIONS),
+                        help="pure: every tensor in --dtype (default); mixed: float32 weights, forwards under autocast "
+                        "in --dtype (a half dtype), as Hugging Face Trainer's --bf16/--fp16")
     parser.add_argument("--tuning", default="full", choices=list(TUNINGS))
+    parser.add_argument("--checkpointing", action="store_true",
+                        help="gradient checkpointing (first-order methods): each decoder layer recomputes its "
+                        "activations in backward instead of keeping them")
     parser.add_argument("--steps", type=int, default=steps, help=steps_help or f"measured steps (default: {steps})")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps before peaks are reset (default: 1)")
     parser.add_argument("--hparam", type=parse_hparam, action="append", default=[], metavar="KEY=VALUE",

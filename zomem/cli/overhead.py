@@ -79,8 +79,11 @@ def measure(model: str, workload: str, device: str, rounds: int) -> Overhead:
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``zomem overhead``."""
     parser = sub.add_parser("overhead", help="time a MeZO step against two forwards plus four generations of z")
-    parser.add_argument("--model", default="opt-125m")
-    parser.add_argument("--workload", default="sst2")
+    parser.add_argument("--model", default="opt-125m",
+                        help="the model whose MeZO step is timed, any name `zomem list` shows (default: opt-125m)")
+    parser.add_argument("--workload", default="sst2",
+                        help="the batch the forwards run on: a workload `zomem list` shows, or "
+                        "custom:batch=B,seq=S (default: sst2)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds, each part once per round (default: 5)")
     parser.set_defaults(func=main)

@@ -27,7 +27,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def summary(record: Record) -> str:
     """One line for a person: what ran, whether it fit, its peaks and its speed."""
-    cell = f"{record.model} {record.optimizer} {record.workload} {record.tuning} {record.dtype} {record.device}"
+    dtype = record.dtype if record.precision == "pure" else f"{record.dtype} (mixed)"
+    cell = f"{record.model} {record.method} {record.workload} {record.tuning} {dtype} {record.device}"
     if record.status != "ok":
         return f"{cell}: {record.status}: {record.error_line}"
     peaks = ", ".join(f"{name} {value / MIB:,.0f} MiB" for name, value in record.peak_bytes.items())
@@ -39,8 +40,8 @@ def summary(record: Record) -> str:
 def main(args: argparse.Namespace) -> int:
     """Measure the cell, print its summary, append its record; exit 1 when the cell did not run ok."""
     cell = Cell(model=args.model, optimizer=args.optimizer, workload=args.workload, tuning=args.tuning,
-                dtype=args.dtype, device=args.device, steps=args.steps, warmup=args.warmup,
-                hparams=dict(args.hparam))
+                dtype=args.dtype, precision=args.precision, device=args.device, steps=args.steps, warmup=args.warmup,
+                hparams=dict(args.hparam), checkpointing=args.checkpointing)
     record = run_cell(cell, out=args.out, timeout=args.timeout)
     print(f"{summary(record)} -> {args.out}")
     return 0 if record.status == "ok" else 1

@@ -38,6 +38,16 @@ class AdaMeZO(ZerothOrder):
         #: the last K (step seed, projected gradient) pairs, oldest first
         self.state["global"]["window"] = []
 
+    def reach_steady_state(self) -> None:
+        """Fill the window with K−1 seeded synthetic (seed, g) pairs, as K−1 steps would: the next step then
+        regenerates K perturbations per element, as every step of a long run does. No forward runs; the projected
+        gradients are drawn small (their values change neither the memory nor the time of a step)."""
+        generator = torch.Generator().manual_seed(self.state["global"]["seed"])
+        past = self.defaults["window"] - 1 - len(self.state["global"]["window"])
+        for _ in range(max(past, 0)):
+            seed = self.next_step_seed()
+            self.state["global"]["window"].append((seed, 1e-3 * float(torch.randn(1, generator=generator))))
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         seed, eps = self.next_step_seed(), self.defaults["eps"]

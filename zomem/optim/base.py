@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch.optim import Optimizer
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 #: the dtypes a ``state_dtype`` option accepts (None: the parameter's own dtype)
 STATE_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
@@ -99,11 +100,12 @@ def check_state_dtype(value: str | torch.dtype | None) -> str | None:
 
 
 def decay_groups(named_params: Iterable[tuple[str, torch.nn.Parameter]]) -> list[dict[str, Any]]:
-    """Trainable parameters in two groups: weight decay skips biases and LayerNorms (the 1-D tensors)."""
+    """Trainable parameters in two groups: weight decay skips biases and LayerNorms (the 1-D tensors). The names go
+    along (torch keeps them as each group's ``param_names``), for methods that walk the model by layer."""
     decay, no_decay = [], []
-    for _, param in named_params:
+    for name, param in named_params:
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
+            (decay if param.ndim >= 2 else no_decay).append((name, param))
     groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
 
@@ -151,6 +153,11 @@ class ZerothOrder(Optimizer):
         self.state["global"]["step"] += 1
         return seed
 
+    def reach_steady_state(self) -> None:
+        """Bring the optimizer, without running any forward, to the state its later steps run in, so a timed step
+        costs what a step of a long run costs (a method whose first steps differ overrides this); the harness calls
+        it before the warm-up."""
+
     def _generator(self, device: torch.device) -> torch.Generator:
         if device not in self._generators:
             self._generators[device] = torch.Generator(device=device)
@@ -168,6 +175,10 @@ class ZerothOrder(Optimizer):
     def release_buffers(self) -> None:
         """Drop the z buffers: they are transient, not state kept between steps."""
         self._buffers.clear()
+
+    def walk_buffers(self) -> list[torch.Tensor]:
+        """The block buffers a walk holds now (z and scratch): what a memory tracker calls perturbation buffers."""
+        return list(self._buffers.values())
 
     def params(self) -> Iterator[tuple[int, dict[str, Any], torch.Tensor]]:
         """Every parameter with its tensor index j (its position across the groups) and its group."""
@@ -189,16 +200,21 @@ class ZerothOrder(Optimizer):
         """The dtype z is drawn in and the arithmetic on ``param``'s blocks runs in (see :func:`compute_dtype`)."""
         return compute_dtype(param.dtype, group.get("state_dtype"))
 
-    def blocks(self, step_seed: int) -> Iterator[Block]:
-        """Walk every parameter block by block, drawing that block's z of step ``step_seed`` into a buffer (in the
-        compute dtype: the same z, up to the rounding of storage, whatever the parameters' dtype)."""
-        for j, group, param in self.params():
+    def blocks(self, step_seed: int,
+               params: Iterable[tuple[int, dict[str, Any], torch.Tensor]] | None = None) -> Iterator[Block]:
+        """Walk every parameter (or those of ``params``, as :meth:`params` yields them) block by block, with that
+        block's z of step ``step_seed`` in a buffer (in the compute dtype: the same z, up to the rounding of storage,
+        whatever the parameters' dtype)."""
+        for j, group, param in self.params() if params is None else params:
             flat = param.detach().view(-1)
             spans = self.spans(param, group)
             buffer = self._buffer(param.device, self.working_dtype(param, group), spans[0].stop)
             for k, span in enumerate(spans):
-                z = self.draw(buffer[: span.stop - span.start], step_seed, j, k)
-                yield Block(group, param, j, k, span, flat[span], z)
+                b = Block(group, param, j, k, span, flat[span], buffer[: span.stop - span.start])
+                self.sample(b, step_seed)
+                yield b
+            # let go of the buffer: a larger one made for the next tensor must not sit beside this one
+            b = buffer = None
 
     def scratch(self, b: Block, name: str, like: torch.Tensor | None = None) -> torch.Tensor:
         """A block-sized buffer ``name`` beside z, in z's (compute) dtype, reused across blocks and freed with the z
@@ -219,17 +235,28 @@ class ZerothOrder(Optimizer):
 
     def state_block(self, b: Block, key: str, fill: float = 0.0) -> torch.Tensor:
         """Block ``b``'s slice of the parameter's state tensor ``key``, created on first use in the state dtype."""
-        state = self.state[b.param]
+        return self.state_tensor(b.param, b.group, key, b.param.shape, fill).view(-1)[b.span]
+
+    def state_tensor(self, param: torch.Tensor, group: dict[str, Any], key: str, shape: tuple[int, ...] | torch.Size,
+                     fill: float = 0.0) -> torch.Tensor:
+        """``param``'s state tensor ``key`` of ``shape`` (the parameter's, or a low-rank factor's), created on first
+        use in the state dtype (``state_dtype``, else the parameter's)."""
+        state = self.state[param]
         if key not in state:
-            dtype = STATE_DTYPES[b.group["state_dtype"]] if b.group.get("state_dtype") else b.param.dtype
-            state[key] = torch.full_like(b.param, fill, dtype=dtype, memory_format=torch.contiguous_format)
-        return state[key].view(-1)[b.span]
+            dtype = STATE_DTYPES[group["state_dtype"]] if group.get("state_dtype") else param.dtype
+            state[key] = torch.full(tuple(shape), fill, dtype=dtype, device=param.device)
+        return state[key]
 
     def draw(self, out: torch.Tensor, step_seed: int, index: int, block: int) -> torch.Tensor:
         """Fill ``out`` with block ``block`` of tensor ``index``'s z at ``step_seed``."""
         generator = self._generator(out.device)
         generator.manual_seed(mix(step_seed, index, block))
         return out.normal_(generator=generator)
+
+    def sample(self, b: Block, step_seed: int) -> None:
+        """Write block ``b``'s perturbation at ``step_seed`` into ``b.z``: :meth:`draw`'s z, unless a method builds it
+        otherwise (from low-rank factors, say)."""
+        self.draw(b.z, step_seed, b.index, b.block)
 
     def direction(self, b: Block) -> torch.Tensor:
         """The perturbation of block ``b`` along which the loss is probed: z itself, unless a method shapes it."""
@@ -272,13 +299,15 @@ class ZerothOrder(Optimizer):
 
 
 def state_bytes(optimizer: Optimizer) -> int:
-    """Bytes of every tensor in an optimizer's state (scalars such as step counters count too)."""
-    total = 0
+    """Bytes of every tensor in an optimizer's state, each storage once (scalars such as step counters count too; so
+    do the tensors of an object kept there, GaLore's projector say, and those inside a quantised tensor subclass)."""
+    storages: dict[int, int] = {}
     for value in optimizer.state.values():
         for item in value.values() if isinstance(value, dict) else ():
-            if isinstance(item, torch.Tensor):
-                total += item.nbytes
-    return total
+            for tensor in _tensors(item):
+                storage = tensor.untyped_storage()
+                storages[storage.data_ptr()] = storage.nbytes()
+    return sum(storages.values())
 
 
 def state_dtype(optimizer: Optimizer) -> torch.dtype | None:
@@ -286,3 +315,19 @@ def state_dtype(optimizer: Optimizer) -> torch.dtype | None:
     tensors = [t for v in optimizer.state.values() if isinstance(v, dict)
                for t in v.values() if isinstance(t, torch.Tensor)]
     return max(tensors, key=lambda t: t.numel()).dtype if tensors else None
+
+
+def _tensors(item: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    if isinstance(item, torch.Tensor):
+        if is_traceable_wrapper_subclass(item):  # torchao's 8-bit state: its codes and scales hold the bytes
+            names, _ = item.__tensor_flatten__()
+            for name in names:
+                yield from _tensors(getattr(item, name), depth)
+        else:
+            yield item
+    elif isinstance(item, (list, tuple)):
+        for value in item:
+            yield from _tensors(value, depth)
+    elif depth == 0 and hasattr(item, "__dict__") and not isinstance(item, type):
+        for value in vars(item).values():  # one level into an object: its tensors, not what they refer to
+            yield from _tensors(value, depth + 1)

@@ -81,6 +81,9 @@ class SGD(torch.optim.SGD):
 #: 2.8), ``foreach`` (torch's own CUDA default, whose ``_foreach_sqrt`` allocates a temporary as large as all the
 #: parameters) and ``for-loop`` (one tensor at a time: temporaries of the largest tensor)
 ADAM_IMPLEMENTATIONS = ("fused", "foreach", "for-loop")
+#: each implementation's temporaries in the update, in copies of (all the parameters, the largest tensor): foreach's
+#: square roots of every second moment; for-loop's square root and its quotient, one tensor at a time
+STEP_TEMPORARIES = {"fused": (0.0, 0.0), "foreach": (1.0, 0.0), "for-loop": (0.0, 2.0)}
 
 
 class Adam(torch.optim.AdamW):
@@ -102,3 +105,9 @@ class Adam(torch.optim.AdamW):
                              "0 and zero gradients give NaN; use implementation=fused (it computes in float32) or "
                              "mixed precision")
         self.defaults["implementation"] = implementation
+
+    @staticmethod
+    def step_temporaries(hparams: dict[str, Any], device: str = "cuda") -> tuple[float, float]:
+        """What the update allocates beside the gradients on ``device``'s kind, in copies of all the parameters and of
+        the largest tensor (read by the estimator)."""
+        return STEP_TEMPORARIES[hparams.get("implementation", "fused")]

@@ -84,6 +84,12 @@ class ZOAdaMU(ZerothOrder):
         beta1 = self._coefficients[1]
         return z_dot.mul_(beta1).add_(z_ddot, alpha=1 - beta1)
 
+    def reach_steady_state(self) -> None:
+        """Move the step counter just past T1, into the annealed phase: its steps draw z̈'s noise as well, which
+        the SPSA warm-up (α = 1 up to and at T1) does not. The perturbation momentum h is untouched (zero until a
+        step sets it; its size, 1P, is the same)."""
+        self.state["global"]["step"] = max(self.step_count, math.floor(self.defaults["t1"]) + 1)
+
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         self._coefficients = self.schedule(self.step_count)

@@ -105,7 +105,8 @@ class ZomemFixture:
         from zomem import harness
 
         record = harness.run_cell(cell)
-        benchmark.group = f"{cell.model} {cell.tuning} {cell.dtype} {cell.device}"
+        dtype = cell.dtype if cell.precision == "pure" else f"mixed-{cell.dtype}"
+        benchmark.group = f"{cell.model} {cell.tuning} {dtype} {cell.device}"
         benchmark.extra_info.update(dataclasses.asdict(record))
         if record.status != "ok":
             self.add(Measurement.from_record(record), record.env)

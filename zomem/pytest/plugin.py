@@ -1,7 +1,7 @@
 """zomem's pytest plugin (entry point ``pytest11``): options and hooks.
 
-- ``--zomem-model/-device/-dtype/-tuning/-optimizers/-workloads`` shape the grid a test gets by asking for the
-  ``zomem_cell`` argument (one test per optimizer × workload).
+- ``--zomem-model/-device/-dtype/-precision/-tuning/-checkpointing/-optimizers/-workloads`` shape the grid a test gets
+  by asking for the ``zomem_cell`` argument (one test per optimizer × workload).
 - The ``zomem`` fixture measures cells (:mod:`zomem.pytest.fixture`).
 - ``@pytest.mark.zomem_limit("6 GiB", probe="nvml")`` fails a test whose measured peak exceeds the limit.
 - ``--zomem-save NAME`` stores the run's peaks; ``--zomem-compare NAME --zomem-fail "peak:+2%"`` fails the
@@ -69,12 +69,16 @@ def add_grid_options(addoption: Callable[..., Any]) -> None:
               help="auto, cpu, cuda or cuda:N (default: auto, a GPU when one is visible)")
     addoption("--zomem-dtype", default="float32", metavar="DTYPE",
               help="float32, float16 or bfloat16 (default: float32)")
+    addoption("--zomem-precision", default="pure", choices=["pure", "mixed"],
+              help="pure: every tensor in --zomem-dtype (default); mixed: float32 weights, forwards under autocast")
     addoption("--zomem-tuning", default="full", metavar="MODE",
               help="what is trained: full, lora or prefix (default: full)")
+    addoption("--zomem-checkpointing", action="store_true",
+              help="gradient checkpointing for the grid's first-order methods (layers recompute activations)")
     addoption("--zomem-optimizers", type=parse_names, default=None, metavar="NAMES",
-              help="comma-separated optimizers (default: every registered one)")
+              help="comma-separated optimizers (default: every registered one the model's positions take)")
     addoption("--zomem-workloads", type=parse_names, default=None, metavar="NAMES",
-              help="comma-separated workloads, custom:batch=B,seq=S allowed (default: every registered one)")
+              help="comma-separated workloads, custom:batch=B,seq=S allowed (default: every registered one the model's positions take)")
     addoption("--zomem-rounds", type=parse_rounds, default=5, metavar="N",
               help="timed steps per benchmark, and measured steps in the memory child (default: 5)")
     addoption("--zomem-warmup", type=parse_warmup, default=1, metavar="N",

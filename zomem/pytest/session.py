@@ -18,7 +18,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Grid:
-    """The cells ``zomem_cell`` is parametrised over: one model, tuning, dtype and device; optimizers × workloads."""
+    """The cells ``zomem_cell`` is parametrised over: one model, tuning, dtype, precision and device; optimizers ×
+    workloads."""
 
     model: str
     device: str
@@ -29,19 +30,27 @@ class Grid:
     workloads: tuple[str, ...] | None
     rounds: int
     warmup: int
+    precision: str = "pure"
+    #: gradient checkpointing for the first-order methods (the others run no backward)
+    checkpointing: bool = False
 
     def cells(self) -> list[Cell]:
         """Every cell, validated: an unknown name or a missing GPU fails collection before anything is built."""
         # Imported here: the plugin loads in every pytest run, and these pull in torch and transformers.
-        from zomem import optim, workloads
+        from zomem import models, optim, workloads
         from zomem.cell import Cell
         from zomem.errors import UsageError
 
         optimizers = self.optimizers or tuple(optim.OPTIMIZERS.names())
-        names = self.workloads or tuple(workloads.WORKLOADS.names())
         try:
+            positions = models.spec(self.model).positions
+            # By default, every registered workload the model can take: long4096 is for the long-context families.
+            names = self.workloads or tuple(w for w in workloads.WORKLOADS.names()
+                                            if workloads.get(w).seq_len <= positions)
             return [Cell(model=self.model, optimizer=o, workload=w, tuning=self.tuning, dtype=self.dtype,
-                         device=self.device, steps=self.rounds, warmup=self.warmup).validated()
+                         precision=self.precision, device=self.device, steps=self.rounds,
+                         warmup=self.warmup,
+                         checkpointing=self.checkpointing and not optim.forward_only(optim.get(o))).validated()
                     for o in optimizers for w in names]
         except UsageError as exc:
             # A collection error with the message alone: the test file that asked for the grid names it.
@@ -82,7 +91,7 @@ class ZomemSession:
         option = config.getoption
         grid = Grid(option("zomem_model"), option("zomem_device"), option("zomem_dtype"), option("zomem_tuning"),
                     option("zomem_optimizers"), option("zomem_workloads"), option("zomem_rounds"),
-                    option("zomem_warmup"))
+                    option("zomem_warmup"), option("zomem_precision"), option("zomem_checkpointing"))
         return cls(grid, Path(option("zomem_storage")), option("zomem_save"), option("zomem_compare"),
                    option("zomem_fail"))
 
