@@ -241,8 +241,20 @@ def test_calibration_recovers_known_constants() -> None:
 def test_an_optimizer_with_more_transient_gets_its_own_extra() -> None:
     truth = Calibration("cpu", True, 350 * 2**20, 1.2, 0.8, optimizers={"zo-adam": {"copies": 0.5, "scale": 1.0}})
     fitted = calibrate.fit(_synthetic(truth), "cpu")
-    assert fitted.optimizers["zo-adam"] == pytest.approx({"copies": 0.5, "scale": 1.0}, abs=0.05)
-    assert max(abs(v) for k, extra in fitted.optimizers.items() if k != "zo-adam" for v in extra.values()) < 0.05
+    shares = {k: v for k, v in fitted.optimizers["zo-adam"].items() if k != "bytes"}
+    assert shares == pytest.approx({"copies": 0.5, "scale": 1.0}, abs=0.05)
+    assert abs(fitted.optimizers["zo-adam"]["bytes"]) < 2**20
+    assert max(abs(extra[k]) for o, extra in fitted.optimizers.items() if o != "zo-adam" for k in ("copies", "scale")) < 0.05
+    assert fitted.worst_residual < 0.01
+
+
+def test_an_optimizer_whose_package_loads_libraries_gets_its_own_bytes() -> None:
+    # On CPU a wrapped package's libraries are in every peak of its cells, whatever the model's size.
+    truth = Calibration("cpu", True, 350 * 2**20, 1.2, 0.8, optimizers={"sgd": {"bytes": 100 * 2**20}})
+    fitted = calibrate.fit(_synthetic(truth), "cpu")
+    assert fitted.optimizers["sgd"]["bytes"] == pytest.approx(100 * 2**20, rel=0.05)
+    assert fitted.overhead_bytes == pytest.approx(truth.overhead_bytes, rel=0.01)
+    assert max(abs(extra["bytes"]) for k, extra in fitted.optimizers.items() if k != "sgd") < 2**20
     assert fitted.worst_residual < 0.01
 
 

@@ -2,7 +2,8 @@
 
 The fit is a least-squares one on relative error: the per-device overhead and the three transient
 multipliers are shared by every cell of a device kind; then each optimizer gets the extra transient
-(in copies of its trainable parameters) that its cells still show on average.
+(a fraction more of its traced transient, copies of its trainable parameters, and bytes that do not grow with the
+model) that its cells still show on average.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def fit(records: Sequence[Record], device: str, source: str = "") -> Calibration
 
 #: an optimizer whose own extras move a cell's prediction by more than this fraction is not typical
 TYPICAL = 0.02
-#: how strongly an optimizer's own (scale, copies) are pulled towards none: keeps the two sane when its cells
+#: how strongly an optimizer's own (scale, copies, bytes) are pulled towards none: keeps them sane when its cells
 #: cannot tell them apart (one model, one workload), too weak to matter when they can
 RIDGE = 1e-3
 
@@ -135,7 +136,7 @@ def _extra_bytes(record: Record, calibration: Calibration) -> int:
 
 
 def _with_extras(shared: Calibration, cells: Sequence[Record]) -> Calibration:
-    """``shared`` with each optimizer's (scale, copies) fitted to what ``shared`` leaves in its cells."""
+    """``shared`` with each optimizer's (scale, copies, bytes) fitted to what ``shared`` leaves in its cells."""
     optimizers = {}
     for name in dict.fromkeys(r.optimizer for r in cells):
         rows, targets, weights = [], [], []
@@ -144,15 +145,16 @@ def _with_extras(shared: Calibration, cells: Sequence[Record]) -> Calibration:
             *_, raw = estimate.decompose(r.model, r.optimizer, r.workload, r.dtype, r.precision, shared.device,
                                          estimate.shaping(r.hparams), shared.matmul_shadow.get(r.dtype, 0.0),
                                          r.checkpointing)
-            rows.append([raw, predict(r, shared).worst.weights])
+            rows.append([raw, predict(r, shared).worst.weights, 1.0])
             targets.append(res.measured - res.predicted)
             weights.append(1.0 / res.measured)
         xw = torch.tensor(rows, dtype=torch.float64) * torch.tensor(weights, dtype=torch.float64)[:, None]
         yw = torch.tensor(targets, dtype=torch.float64) * torch.tensor(weights, dtype=torch.float64)
         scale = xw.abs().amax(dim=0).clamp(min=1e-30)  # unit columns, so one ridge suits both
         xs = xw / scale
-        coef = torch.linalg.solve(xs.T @ xs + RIDGE * len(yw) * torch.eye(2, dtype=torch.float64), xs.T @ yw) / scale
-        optimizers[name] = {"scale": round(float(coef[0]), 4), "copies": round(float(coef[1]), 4)}
+        coef = torch.linalg.solve(xs.T @ xs + RIDGE * len(yw) * torch.eye(3, dtype=torch.float64), xs.T @ yw) / scale
+        optimizers[name] = {"scale": round(float(coef[0]), 4), "copies": round(float(coef[1]), 4),
+                            "bytes": round(float(coef[2]))}
     return dataclasses.replace(shared, optimizers=optimizers)
 
 

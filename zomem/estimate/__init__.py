@@ -362,11 +362,11 @@ class _Cell:
 
     def extras(self, calibration: Calibration, weight_bytes: float, *, layers: bool = True, head: bool = True,
                batch_size: int | None = None) -> float:
-        """What this optimizer's cells show beyond the shared constants: ``scale`` times more of :meth:`raw` and
-        ``copies`` of the weights the device holds."""
+        """What this optimizer's cells show beyond the shared constants: ``scale`` times more of :meth:`raw`,
+        ``copies`` of the weights the device holds, and ``bytes`` of its own (the libraries of a package it wraps)."""
         extra = calibration.optimizers.get(self.optimizer, {})
         return (extra.get("scale", 0.0) * self.raw(layers=layers, head=head, batch_size=batch_size)
-                + extra.get("copies", 0.0) * weight_bytes)
+                + extra.get("copies", 0.0) * weight_bytes + extra.get("bytes", 0.0))
 
     def decompose(self) -> tuple[DevicePeak, list[Linear]]:
         """One device's persistent parts (no transient, no overhead) and each phase's transient."""

@@ -38,7 +38,9 @@ class Calibration:
     forward_scale: float = 1.0
     activation_scale: float = 1.0
     #: optimizer name -> what its cells show beyond the shared constants: ``scale``, a fraction more of the
-    #: analytic transient (e.g. a JVP's dual activations), and ``copies`` of its weights (e.g. tangents)
+    #: analytic transient (e.g. a JVP's dual activations), ``copies`` of its weights (e.g. tangents), and ``bytes``
+    #: that do not grow with the model (on CPU, the libraries of a package it wraps, loaded before the floor is read
+    #: but in the process's peak)
     optimizers: dict[str, dict[str, float]] = field(default_factory=dict)
     #: dtype -> bytes per output element that a matmul computing in that dtype holds in float32 while it runs:
     #: oneDNN computes bfloat16 matmuls into float32 on CPUs without native bfloat16; a GPU writes the output
