@@ -19,8 +19,11 @@ DEVICE ?= cuda
 GPU_PYTHON ?= $(PYTHON)
 GPU_CHECK_OUT ?= out/gpu-check
 GPU_CHECK_PACK ?= out
+# Pure-Python packages zomem needs that a GPU image may lack (tabulate): `make gpu-wheels` downloads them where there
+# is a network, and gpu-check puts every wheel found here on PYTHONPATH (a pure-Python wheel imports as it is).
+GPU_WHEELS ?= out/wheels
 
-.PHONY: report test gpu-check clean
+.PHONY: report test gpu-check gpu-wheels clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,8 +42,11 @@ test: $(STAMP)
 	$(MAKE) gpu-check DEVICE=cpu GPU_PYTHON=$(BIN)/python GPU_CHECK_OUT=out/gpu-check-cpu GPU_CHECK_PACK=out/gpu-check-cpu
 
 gpu-check:
-	@PYTHONPATH=$(CURDIR)$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m zomem gpu-check --device $(DEVICE) \
+	@PYTHONPATH=$(CURDIR)$(foreach wheel,$(wildcard $(GPU_WHEELS)/*.whl),:$(abspath $(wheel)))$${PYTHONPATH:+:$$PYTHONPATH} $(GPU_PYTHON) -m zomem gpu-check --device $(DEVICE) \
 		--out $(GPU_CHECK_OUT) --pack $(GPU_CHECK_PACK)
+
+gpu-wheels: $(STAMP)
+	$(BIN)/pip download --quiet --disable-pip-version-check --no-deps --only-binary :all: -d $(GPU_WHEELS) tabulate
 
 clean:
 	rm -rf $(VENV) out

@@ -189,7 +189,7 @@ def test_the_estimator_traces_a_checkpointed_backward() -> None:
     plain = estimate.estimate("opt-125m", "adam", "squad", "float32", device="cpu", calibration=BARE)
     checkpointed = estimate.estimate("opt-125m", "adam", "squad", "float32", device="cpu", calibration=BARE,
                                      checkpointing=True)
-    assert checkpointed.checkpointing and checkpointed.peak_bytes < plain.peak_bytes - 1 << 30
+    assert checkpointed.checkpointing and checkpointed.peak_bytes < plain.peak_bytes - (1 << 30)
     assert checkpointed.worst.weights == plain.worst.weights
 
 

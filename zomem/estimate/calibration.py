@@ -59,9 +59,12 @@ class Calibration:
         return cls(**json.loads(text))
 
     def tensors_only(self) -> Calibration:
-        """No overhead and every shared multiplier 1 (each optimizer's own extras kept): the bytes live tensors
-        hold, which ``torch_allocated`` reports, without the context and the allocator's slack."""
-        return dataclasses.replace(self, overhead_bytes=0, forward_scale=1.0, activation_scale=1.0)
+        """No overhead and every shared multiplier 1 (each optimizer's own extras kept, but not the bytes of the
+        libraries it loads): the bytes live tensors hold, which ``torch_allocated`` reports, without the context
+        and the allocator's slack."""
+        optimizers = {name: {**extra, "bytes": 0.0} for name, extra in self.optimizers.items()}
+        return dataclasses.replace(self, overhead_bytes=0, forward_scale=1.0, activation_scale=1.0,
+                                   optimizers=optimizers)
 
     def to_json(self) -> str:
         """Pretty JSON, the form stored with the package."""

@@ -5,8 +5,8 @@ and the workload's loss is run on fake CPU tensors under a dispatch mode that fo
 that makes it to its release. That counts what the architecture really allocates — gated MLPs, grouped-query
 attention, rotary tables, masks, untied heads, the loss's float32 copies, autocast's half copies of the weights —
 with no constant of one family. Attention runs as PyTorch's fused kernels keep it (the output and per-row
-statistics, not the S×S scores), as on a GPU. Decoder layers are alike, so a model is traced with one and with two
-layers and the rest is extrapolated: a trace costs a fraction of a second whatever the depth. A backward can be traced
+statistics, not the S×S scores), as on a GPU. Decoder layers are alike, so a model is traced with two and with three
+layers and the rest is extrapolated from their difference: a trace costs a fraction of a second whatever the depth. A backward can be traced
 with gradient checkpointing (transformers' own, on the fake model) and with each gradient freed as soon as it is
 complete, as an optimizer that updates inside backward frees it (LOMO's).
 """
