@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 import math
@@ -51,6 +52,18 @@ def test_predicted_fit_answers_every_default_row_quickly_with_per_model_figures(
         for trial in f.trials:
             assert trial.fits == (ladder.index(trial.model) <= ladder.index(f.answer))
             assert trial.peak_bytes > 0 and "per_gpu" in trial.detail
+
+
+def test_the_reference_reports_largest_fit_table_is_what_the_estimator_predicts_today() -> None:
+    # the committed table was written by `make report`; a change to the estimator that moves a cell must say so
+    table = Path(__file__).parent.parent / "reports" / "cpu-default" / "largest_fit.csv"
+    with table.open(encoding="utf-8") as f:
+        rows = [row for row in csv.DictReader(f) if "A100" in row["hardware"] and row["source"] == "predicted"]
+    assert len(rows) >= 4 * 12
+    for row in rows:
+        optimizer, _, checkpointing = row["optimizer"].partition(" + ")
+        predicted = fit.predict(hardware.parse_row(row["hardware"]), optimizer, checkpointing=bool(checkpointing))
+        assert predicted.answer == row["model"], row
 
 
 def test_adam_fits_less_than_mezo_and_more_gpus_fit_more() -> None:

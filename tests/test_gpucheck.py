@@ -51,7 +51,7 @@ def test_a_check_that_cannot_fit_a_calibration_fails_and_still_packs_what_it_has
 def test_steps_past_the_runs_deadline_are_skipped(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
                                                   fitted: None) -> None:
     monkeypatch.setattr(gpucheck.Plan, "for_device", classmethod(
-        lambda cls, device: cls(device, "opt-tiny", ("opt-tiny",), ("--budget", "1GiB"), 0)))
+        lambda cls, device: cls(device, "opt-tiny", ("opt-tiny",), ("--budget", "1GiB"), 0, 1024)))
     monkeypatch.setattr(gpucheck, "steps", lambda plan, out: [gpucheck.Step("probe", exits(0), 30)])
     assert gpucheck.run("cpu", tmp_path / "check", None) == 1
     assert json.loads((tmp_path / "check" / "outcomes.json").read_text())["probe"] == "skipped: out of time"

@@ -42,13 +42,16 @@ class Plan:
     fit_limit: tuple[str, ...]
     #: seconds the whole run may take
     budget_s: float
+    #: elements of the tensor ``zomem blocks`` walks: large enough on a GPU that a 2^24 block is not the whole tensor
+    walk_elements: int
 
     @classmethod
     def for_device(cls, device: str) -> Plan:
         """opt-1.3b and a 10 GiB emulated card on a GPU (5 minutes); opt-tiny and a CPU budget otherwise (3)."""
         if device.startswith("cuda"):
-            return cls(device, "opt-1.3b", ("opt-1.3b", "opt-2.7b", "opt-6.7b"), ("--hardware", "1xcheck:10"), 300)
-        return cls(device, "opt-tiny", ("opt-tiny", "opt-mini", "opt-small"), ("--budget", "2GiB"), 180)
+            return cls(device, "opt-1.3b", ("opt-1.3b", "opt-2.7b", "opt-6.7b"), ("--hardware", "1xcheck:10"), 300,
+                       1 << 27)
+        return cls(device, "opt-tiny", ("opt-tiny", "opt-mini", "opt-small"), ("--budget", "2GiB"), 180, 1 << 22)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,7 @@ def steps(plan: Plan, out: Path) -> list[Step]:
                                              "--out", str(reports / "multirc-mixed-float16")], 30),
         Step("overhead", [*zomem, "overhead", "--model", plan.model, "--device", plan.device, "--rounds", "3"], 40,
              (0, 1)),
+        Step("blocks", [*zomem, "blocks", "--device", plan.device, "--elements", str(plan.walk_elements)], 20),
         Step("fit", [*zomem, "fit", "--measure", *plan.fit_limit, "--optimizer", "mezo", "--workload", "multirc",
                      "--dtype", "float16", "--device", plan.device, "--models", *plan.fit_ladder,
                      "--records", str(out / "fit" / "records.jsonl"), "--out", str(out / "fit" / "fits.jsonl"),

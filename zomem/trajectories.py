@@ -21,7 +21,8 @@ import torch
 from zomem import optim
 
 DEFAULT_STEPS = 1000
-DEFAULT_OPTIMIZERS = ("adam", "mezo", "zo-adamu", "adamezo", "hizoo")
+#: drawn by default: LOZO, SubZero and LeZO walk a 2-D point exactly as MeZO does, so their paths would hide under its
+DEFAULT_OPTIMIZERS = ("adam", "mezo", "zo-adamu", "adamezo", "hizoo", "lozo-m", "sparse-mezo", "fzoo", "mezo-svrg")
 #: "reached the minimum": distance to the optimum below this
 NEIGHBOURHOOD = 0.1
 #: learning rate on functions (a)…(f), the best of a small grid per optimizer: methods whose step grows with the

@@ -327,21 +327,23 @@ class _Cell:
         return SCALER_BYTES if self.precision == "mixed" and self.dtype == "float16" and self.backprop else 0
 
     def phases(self, gradients: float, *, step: float = 0.0, layers: bool = True, head: bool = True,
-               batch_size: int | None = None) -> list[Linear]:
-        """Each phase's transient beyond weights, state, the ``gradients`` counted as a part, and autocast's cache."""
+               batch_size: int | None = None, shards: int = 1) -> list[Linear]:
+        """Each phase's transient beyond weights, state, the ``gradients`` counted as a part, and autocast's cache.
+        With ``shards`` > 1 (FSDP) each device keeps that share of the gradients made so far, the rest being
+        reduce-scattered away as each layer's backward ends."""
         t, logits, shadow = self.trace(batch_size), self.logits(batch_size), self.head_shadow(batch_size)
         if self.backprop:
             # the forward and the start of the backward, every layer's activations saved (and as the head's matmul
             # runs, its float32 buffer where the machine has one); then the optimizer step, the gradients made
             forward, start = t.moments[0], t.moments[1]
-            phases = [Linear(m.gradients - gradients, activations=m.other, cache=m.casts, logits=logits)
+            phases = [Linear(m.gradients / shards - gradients, activations=m.other, cache=m.casts, logits=logits)
                       for m in (forward, start)]
             phases.append(Linear(shadow - gradients, activations=t.at_head.other + logits, cache=forward.casts,
                                  logits=logits))
             # the layers' backward: a checkpointed layer recomputes its activations beside the gradients made so far,
             # and where gradients are freed as they are made, a tied embedding's two gradients meet at the end
             rest = t.moments[2]
-            phases.append(Linear(rest.gradients - gradients, activations=rest.other, cache=rest.casts))
+            phases.append(Linear(rest.gradients / shards - gradients, activations=rest.other, cache=rest.casts))
             return [*phases, Linear(step)]
         during, after = self.buffers()
         casts = t.peak.casts if (layers or head) else 0
@@ -413,10 +415,17 @@ class _Cell:
         s, p = self.shape, self.per_param
         batch = math.ceil(self.work.batch_size / gpus)
         weights, gradients = s.params * p.weights / gpus, s.params * p.gradients / gpus
-        gathered = (s.root_params + 2 * s.layer_params) * p.weights + (s.root_params + s.layer_params) * p.gradients
+        # In mixed precision FSDP gathers half copies and reduce-scatters half gradients (accelerate's MixedPrecision
+        # policy in the autocast dtype, as Trainer's --fp16/--bf16 set it with FSDP), keeping float32 shards.
+        mixed = self.precision == "mixed"
+        unit = models.dtype(self.dtype).itemsize if mixed else p.weights
+        gathered = (s.root_params + 2 * s.layer_params) * unit + (s.root_params + s.layer_params) * (
+            unit if mixed else p.gradients)
         parts = DevicePeak(weights=round(weights), optimizer_state=round(s.params * p.state / gpus) + self.scaler(),
                            gradients=round(gradients), transient=0, overhead=0)
-        candidates = self.phases(parts.gradients, batch_size=batch,
+        candidates = self.phases(parts.gradients, batch_size=batch, shards=gpus,
                                  step=step_temporary(self.optimizer, s, p.weights, self.hparams, self.kind) / gpus)
+        # gathered in the autocast dtype already, the weights leave autocast nothing to cast and cache
+        candidates = [dataclasses.replace(c, cache=0.0) for c in candidates]
         extra = gathered + self.extras(calibration, weights, batch_size=batch)
         return [settle(parts, candidates, calibration, extra)] * gpus
