@@ -105,9 +105,10 @@ def _settings(records: Sequence[Record], settings: Settings) -> list[str]:
             "what makes lazily created optimizer state (Adam's moments, HiZOO's Hessian …) exist before peaks "
             "are reset, and its batch size does not change that state, so one example suffices; the measured "
             "step runs the full batch. With one measured step a median has no IQR: `zomem report --steps 3` "
-            "gives one at three times the cost (a CPU step of opt-125m takes seconds, and the default sweep "
-            "must finish within 15 minutes). AdaMeZO rebuilds its moments from a window of past steps (K=10 by "
-            "default), which is not full after one warm-up step, so its step time here is below its steady state.")
+            "gives one at three times the cost (a CPU step of opt-125m takes seconds). Methods whose early steps "
+            "are cheaper are timed at their steady state all the same (AdaMeZO's window full, ZO-AdaMU past T1): "
+            "they reach it before the warm-up without forwards, and the step-time notes say from which step each "
+            "was timed.")
     rows = []
     for name in dict.fromkeys(r.workload for r in records):
         w = workloads.get(name)

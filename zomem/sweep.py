@@ -54,9 +54,8 @@ class Settings:
 
 
 def defaults(device: str) -> dict[str, Any]:
-    """Step counts per device kind. On CPU a step of opt-125m takes seconds, so the default sweep (12 optimizers
-    × 3 workloads) measures one step after a one-example warm-up to stay within 15 minutes; on a GPU, three
-    steps after a full warm-up give medians with an IQR."""
+    """Step counts per device kind. On CPU a step of opt-125m takes seconds to a minute, so a sweep measures one
+    step after a one-example warm-up; on a GPU, three steps after a full warm-up give medians with an IQR."""
     if device.split(":")[0] == "cpu":
         return {"steps": 1, "warmup": 1, "warmup_batch": 1}
     return {"steps": 3, "warmup": 1, "warmup_batch": None}
