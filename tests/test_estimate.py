@@ -268,6 +268,35 @@ def test_an_optimizer_whose_package_loads_libraries_gets_its_own_bytes() -> None
     assert fitted.worst_residual < 0.01
 
 
+def test_a_tuned_model_keeps_state_and_gradients_of_its_adapters_only() -> None:
+    full = estimate.estimate("opt-125m", "adam", "sst2", "float32", device="cpu", calibration=BARE).worst
+    lora = estimate.estimate("opt-125m", "adam", "sst2", "float32", device="cpu", calibration=BARE, tuning="lora")
+    trained = 294_912  # LoRA r=8 on the query and value projections of opt-125m's 12 layers
+    assert lora.tuning == "lora"
+    assert lora.worst.weights == (params("opt-125m") + trained) * 4
+    assert lora.worst.optimizer_state == 2 * trained * 4 and lora.worst.gradients == trained * 4
+    # the frozen layers still keep what the adapters' gradients need, but not the weights' own
+    assert 0 < lora.worst.transient < full.transient + full.gradients
+    with pytest.raises(UsageError, match="one device"):
+        estimate.estimate("opt-1.3b", "adam", "sst2", "float16", gpus=2, tuning="lora")
+
+
+def test_each_tuning_mode_gets_the_bytes_its_cells_show_beyond_a_full_one() -> None:
+    # on CPU peft's libraries are loaded before the floor is read, so they are in every tuned cell's peak
+    truth = Calibration("cpu", True, 350 * 2**20, 1.2, 0.8, tunings={"lora": 90 * 2**20})
+    tuned = []
+    for model in ("opt-tiny", "opt-mini"):
+        for optimizer in ("mezo", "adam"):
+            w = workloads.get("sst2")
+            r = Record(model, optimizer, "sst2", "lora", "float32", "cpu", w.batch_size, w.seq_len,
+                       env={"cpu": "test CPU"})
+            tuned.append(dataclasses.replace(r, peak_bytes={"cpu_hwm": calibrate.predict(r, truth).peak_bytes}))
+    fitted = calibrate.fit(_synthetic(truth) + tuned, "cpu")
+    assert fitted.tunings["lora"] == pytest.approx(90 * 2**20, rel=0.01)
+    assert fitted.overhead_bytes == pytest.approx(truth.overhead_bytes, rel=1e-3)  # full cells alone set it
+    assert fitted.cells == 64 and fitted.worst_residual < 1e-3
+
+
 def test_calibrate_and_estimate_commands(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "records.jsonl"
     for record in _synthetic(Calibration("cpu", True, 300 * 2**20)):

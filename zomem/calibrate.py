@@ -37,8 +37,8 @@ class Residual:
 
 
 def modelled(record: Record, kind: str) -> bool:
-    """Whether the estimator models ``record``: an ok, fully tuned cell of this device kind."""
-    if record.status != "ok" or record.tuning != "full" or record.device.split(":")[0] != kind:
+    """Whether the estimator models ``record``: an ok cell of this device kind."""
+    if record.status != "ok" or record.device.split(":")[0] != kind:
         return False
     if estimate.PROBE[kind] not in record.peak_bytes:
         return False
@@ -55,7 +55,8 @@ def predict(record: Record, calibration: Calibration) -> estimate.Estimate:
     """The estimator's prediction for the cell ``record`` measured, in its precision and with its hyper-parameters."""
     return estimate.estimate(record.model, record.optimizer, record.workload, record.dtype,
                              device=calibration.device, precision=record.precision, calibration=calibration,
-                             hparams=estimate.shaping(record.hparams), checkpointing=record.checkpointing)
+                             hparams=estimate.shaping(record.hparams), checkpointing=record.checkpointing,
+                             tuning=record.tuning)
 
 
 def residuals(records: Sequence[Record], calibration: Calibration) -> list[Residual]:
@@ -66,20 +67,24 @@ def residuals(records: Sequence[Record], calibration: Calibration) -> list[Resid
 
 
 def fit(records: Sequence[Record], device: str, source: str = "") -> Calibration:
-    """Constants for ``device``'s kind fitted to its records (ok, full tuning); at least three are needed.
+    """Constants for ``device``'s kind fitted to its ok records; at least three fully tuned ones are needed.
 
-    The shared constants are fitted to every cell, then each optimizer's extras to what they leave; optimizers
-    whose extras matter (forward-grad's tangents, say) are then set aside and the shared constants refitted to
-    the typical ones, so that one unusual method does not bend the constants of all the others.
+    The shared constants are fitted to every fully tuned cell, then each optimizer's extras to what they leave;
+    optimizers whose extras matter (forward-grad's tangents, say) are then set aside and the shared constants
+    refitted to the typical ones, so that one unusual method does not bend the constants of all the others. Last,
+    each tuning mode gets the bytes its cells show beyond that.
     """
     kind = estimate.device_kind(device)
     usable = [r for r in records if modelled(r, kind)]
-    if len(usable) < 3:
-        raise UsageError(f"calibrating {kind} needs at least 3 ok records measured on {kind}; got {len(usable)}")
-    calibration = _with_extras(_fit_shared(usable, kind), usable)
-    typical = [r for r in usable if abs(_extra_bytes(r, calibration)) < TYPICAL * r.peak_bytes[estimate.PROBE[kind]]]
+    full = [r for r in usable if r.tuning == "full"]
+    if len(full) < 3:
+        raise UsageError(f"calibrating {kind} needs at least 3 ok fully tuned records measured on {kind}; "
+                         f"got {len(full)}")
+    calibration = _with_extras(_fit_shared(full, kind), full)
+    typical = [r for r in full if abs(_extra_bytes(r, calibration)) < TYPICAL * r.peak_bytes[estimate.PROBE[kind]]]
     if len(typical) >= 3:
-        calibration = _with_extras(_fit_shared(typical, kind), usable)
+        calibration = _with_extras(_fit_shared(typical, kind), full)
+    calibration = _with_tunings(calibration, usable)
     worst = max(abs(r.relative) for r in residuals(usable, calibration))
     machine = usable[0].env.get("gpu") or usable[0].env.get("cpu") or "unknown machine"
     stamp = datetime.datetime.now(datetime.UTC).date().isoformat()
@@ -103,7 +108,8 @@ def _fit_shared(cells: Sequence[Record], kind: str) -> Calibration:
     ones until the choice settles. A term no cell exercises keeps 1."""
     shadow = Calibration.load(kind).matmul_shadow
     decomposed = [(r, *estimate.decompose(r.model, r.optimizer, r.workload, r.dtype, r.precision, kind,
-                                          estimate.shaping(r.hparams), shadow.get(r.dtype, 0.0), r.checkpointing))
+                                          estimate.shaping(r.hparams), shadow.get(r.dtype, 0.0), r.checkpointing,
+                                          r.tuning))
                   for r in cells]
     calibration, chosen = Calibration(kind, False, 0), None
     for _ in range(PHASE_ROUNDS):
@@ -144,7 +150,7 @@ def _with_extras(shared: Calibration, cells: Sequence[Record]) -> Calibration:
             r = res.record
             *_, raw = estimate.decompose(r.model, r.optimizer, r.workload, r.dtype, r.precision, shared.device,
                                          estimate.shaping(r.hparams), shared.matmul_shadow.get(r.dtype, 0.0),
-                                         r.checkpointing)
+                                         r.checkpointing, r.tuning)
             rows.append([raw, predict(r, shared).worst.weights, 1.0])
             targets.append(res.measured - res.predicted)
             weights.append(1.0 / res.measured)
@@ -156,6 +162,18 @@ def _with_extras(shared: Calibration, cells: Sequence[Record]) -> Calibration:
         optimizers[name] = {"scale": round(float(coef[0]), 4), "copies": round(float(coef[1]), 4),
                             "bytes": round(float(coef[2]))}
     return dataclasses.replace(shared, optimizers=optimizers)
+
+
+def _with_tunings(calibration: Calibration, cells: Sequence[Record]) -> Calibration:
+    """``calibration`` with each tuning mode's bytes: what it leaves unpredicted in that mode's cells, the least
+    squares of relative error (as everywhere in the fit: small cells count as much as large ones)."""
+    tunings = {}
+    for mode in dict.fromkeys(r.tuning for r in cells if r.tuning != "full"):
+        left = residuals([r for r in cells if r.tuning == mode], calibration)
+        weights = [res.measured ** -2 for res in left]
+        tunings[mode] = round(sum(w * (res.measured - res.predicted) for w, res in zip(weights, left, strict=True))
+                              / sum(weights))
+    return dataclasses.replace(calibration, tunings=tunings)
 
 
 def _nonnegative_lstsq(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import json
 
 from tabulate import tabulate
 
-from zomem import estimate
+from zomem import estimate, models
 from zomem.cli.options import parse_hparam
 from zomem.estimate import Estimate
 from zomem.hardware import GIB
@@ -31,6 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "block_size change the prediction)")
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing (first-order methods): layers recompute activations in backward")
+    parser.add_argument("--tuning", choices=list(models.TUNINGS), default="full",
+                        help="what is trained: every parameter (default), LoRA adapters or a prefix (one device)")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs the model is spread over (default: 1)")
     parser.add_argument("--device", default="cuda", choices=list(estimate.DEVICE_KINDS),
                         help="whose calibrated constants to use (default: cuda)")
@@ -42,7 +44,7 @@ def compute(args: argparse.Namespace) -> Estimate:
     """The estimate the options ask for."""
     return estimate.estimate(args.model, args.optimizer, args.workload, args.dtype, gpus=args.gpus,
                              device=args.device, precision=args.precision, hparams=dict(args.hparam),
-                             checkpointing=args.checkpointing)
+                             checkpointing=args.checkpointing, tuning=args.tuning)
 
 
 def render(result: Estimate) -> str:
@@ -53,7 +55,8 @@ def render(result: Estimate) -> str:
     table = tabulate(rows, headers=["device", *parts, "total"], tablefmt="github", disable_numparse=True)
     state = "calibrated" if result.calibrated else "UNCALIBRATED (analytic defaults)"
     notes = [f"{result.model} {result.optimizer} {result.workload} {result.dtype} ({result.precision} precision), "
-             f"{result.gpus} {result.device} device(s), {result.placement}; {state} constants; GiB",
+             f"{result.gpus} {result.device} device(s), {result.placement}"
+             + ("" if result.tuning == "full" else f", {result.tuning} tuning") + f"; {state} constants; GiB",
              table]
     worst = result.worst
     if worst.logits and worst.transient > 0:

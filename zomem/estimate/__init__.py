@@ -102,6 +102,8 @@ class Estimate:
     hparams: dict[str, Any] = field(default_factory=dict)
     #: whether the decoder layers recompute their activations in backward (gradient checkpointing)
     checkpointing: bool = False
+    #: what was trained: ``full``, or the ``lora`` adapters or ``prefix``
+    tuning: str = "full"
     #: on a GPU, the peak per device of live tensors alone: what ``torch_allocated`` reports
     tensor_bytes: int | None = None
 
@@ -162,12 +164,13 @@ class Persistent:
 
 
 def persistent_per_param(optimizer: str, dtype: str, precision: Precision,
-                         hparams: dict[str, Any] | None = None, model: str | None = None) -> Persistent:
+                         hparams: dict[str, Any] | None = None, model: str | None = None,
+                         tuning: str = "full") -> Persistent:
     """Weights in ``dtype`` (float32 in mixed precision); gradients in the weights' dtype for first-order methods
     (none for one that frees each in backward); state in ``state_dtype`` when the optimizer takes one, else in its
     ``state_itemsize`` (8-bit moments) or the weights' dtype. A state sized by low-rank factors (the optimizer's
-    ``state_elements``, or ``named_state_elements`` where it picks parameters by name) is counted from ``model``'s
-    parameters."""
+    ``state_elements``, or ``named_state_elements`` where it picks parameters by name) is counted from the
+    parameters ``model`` trains when tuned as ``tuning``."""
     cls = optim.get(optimizer)
     weights = FLOAT32_BYTES if precision == "mixed" else models.dtype(dtype).itemsize
     state_dtype = (hparams or {}).get("state_dtype")
@@ -175,12 +178,12 @@ def persistent_per_param(optimizer: str, dtype: str, precision: Precision,
     copies = float(getattr(cls, "state_copies", 0.0))
     elements = getattr(cls, "state_elements", None)
     named = getattr(cls, "named_state_elements", None)
+    trained = [] if model is None else [(n, p) for n, p in meta_model(model, tuning).named_parameters()
+                                        if p.requires_grad]
     if model is not None and named is not None:
-        shapes = [(name, tuple(p.shape)) for name, p in meta_model(model).named_parameters()]
-        copies = named(shapes, hparams or {}) / shape(model).params
+        copies = named([(name, tuple(p.shape)) for name, p in trained], hparams or {}) / shape(model, tuning).trainable
     elif elements is not None and model is not None:
-        shapes = [tuple(p.shape) for p in meta_model(model).parameters()]
-        copies = elements(shapes, hparams or {}) / shape(model).params
+        copies = elements([tuple(p.shape) for _, p in trained], hparams or {}) / shape(model, tuning).trainable
     gradients = 0.0 if optim.forward_only(cls) or optim.fused_backward(cls) else weights
     return Persistent(weights, state_width * copies, gradients)
 
@@ -204,7 +207,7 @@ def step_temporary(optimizer: str, s: Shape, weight_width: float, hparams: dict[
     if temporaries is None:
         return 0.0
     everything, largest = temporaries(hparams or {}, device)
-    return (everything * s.params + largest * s.largest_tensor) * weight_width
+    return (everything * s.trainable + largest * s.largest_tensor) * weight_width
 
 
 def peak_phase(candidates: list[Linear], calibration: Calibration) -> Linear:
@@ -224,11 +227,12 @@ def settle(parts: DevicePeak, candidates: list[Linear], calibration: Calibration
 def estimate(model: str, optimizer: str, workload: str, dtype: str = "float32", *, gpus: int = 1,
              device: str = "cuda", precision: str | None = None, calibration: Calibration | None = None,
              capacity_bytes: int | None = None, hparams: dict[str, Any] | None = None,
-             checkpointing: bool = False) -> Estimate:
+             checkpointing: bool = False, tuning: str = "full") -> Estimate:
     """Predicted peak bytes per device of one step of ``optimizer`` on ``model`` and ``workload``.
 
     ``hparams`` are the optimizer's (``state_dtype``, ``implementation``, ``block_size`` change the prediction);
-    ``checkpointing``: the decoder layers recompute their activations in backward.
+    ``checkpointing``: the decoder layers recompute their activations in backward. ``tuning``: what is trained
+    (``lora``/``prefix``: the adapters or the prefix, on one device).
     ``capacity_bytes`` (per GPU) bounds accelerate's placement of a forward-only method over several GPUs;
     without it the layers are balanced evenly.
     """
@@ -243,11 +247,16 @@ def estimate(model: str, optimizer: str, workload: str, dtype: str = "float32", 
     work.check_fits(models.spec(model).positions)
     hparams = dict(hparams or {})
     optim.check(optimizer, models.dtype("float32" if prec == "mixed" else dtype), hparams)
-    check_checkpointing(optimizer, checkpointing, "full")
+    check_checkpointing(optimizer, checkpointing, tuning)
+    if tuning != "full" and gpus > 1:
+        raise UsageError(f"--tuning {tuning} is estimated on one device only; several GPUs shard full fine-tuning")
+    if tuning not in models.TUNINGS:
+        raise UsageError(f"unknown tuning {tuning!r}. Valid: {', '.join(models.TUNINGS)}")
     cell = _Cell(model, optimizer, work, dtype, prec, kind, hparams, calibration.matmul_shadow.get(dtype, 0.0),
-                 checkpointing)
+                 checkpointing, tuning)
     base = dict(model=model, optimizer=optimizer, workload=workload, dtype=dtype, precision=prec, device=kind,
-                gpus=gpus, calibrated=calibration.calibrated, hparams=hparams, checkpointing=checkpointing)
+                gpus=gpus, calibrated=calibration.calibrated, hparams=hparams, checkpointing=checkpointing,
+                tuning=tuning)
     if gpus == 1:
         devices, how, offloaded = [cell.single(calibration)], "single device", []
         tensors = [cell.single(calibration.tensors_only())]
@@ -264,13 +273,13 @@ def estimate(model: str, optimizer: str, workload: str, dtype: str = "float32", 
 
 def decompose(model: str, optimizer: str, workload: str, dtype: str, precision: str, device: str,
               hparams: dict[str, Any] | None = None, shadow: float = 0.0,
-              checkpointing: bool = False) -> tuple[DevicePeak, list[Linear], float]:
+              checkpointing: bool = False, tuning: str = "full") -> tuple[DevicePeak, list[Linear], float]:
     """One device's persistent parts (transient and overhead 0), each phase's transient, uncalibrated, with a
     matmul ``shadow`` (:attr:`Calibration.matmul_shadow`), and the traced bytes an optimizer's own ``scale``
     multiplies: what :mod:`zomem.calibrate` fits the multipliers to."""
     prec = resolve_precision(optimizer, dtype, precision)
     cell = _Cell(model, optimizer, workloads.get(workload), dtype, prec, device_kind(device), hparams or {}, shadow,
-                 checkpointing)
+                 checkpointing, tuning)
     return (*cell.decompose(), cell.raw())
 
 
@@ -288,6 +297,7 @@ class _Cell:
     #: bytes per output element a matmul holds in float32 while it runs (:attr:`Calibration.matmul_shadow`)
     shadow: float = 0.0
     checkpointing: bool = False
+    tuning: str = "full"
 
     @property
     def backprop(self) -> bool:
@@ -300,15 +310,16 @@ class _Cell:
 
     @property
     def shape(self) -> Shape:
-        return shape(self.model)
+        return shape(self.model, self.tuning)
 
     @property
     def per_param(self) -> Persistent:
-        return persistent_per_param(self.optimizer, self.dtype, self.precision, self.hparams, self.model)
+        return persistent_per_param(self.optimizer, self.dtype, self.precision, self.hparams, self.model, self.tuning)
 
     def trace(self, batch_size: int | None = None) -> Trace:
         work = self.work if batch_size is None else dataclasses.replace(self.work, batch_size=batch_size)
-        return trace(self.model, work, self.dtype, self.precision, self.backprop, self.checkpointing, self.fused)
+        return trace(self.model, work, self.dtype, self.precision, self.backprop, self.checkpointing, self.fused,
+                     self.tuning)
 
     def logits(self, batch_size: int | None = None) -> int:
         return workloads.logits_bytes(self.work, models.spec(self.model).vocab, models.dtype(self.dtype), batch_size)
@@ -365,23 +376,26 @@ class _Cell:
     def extras(self, calibration: Calibration, weight_bytes: float, *, layers: bool = True, head: bool = True,
                batch_size: int | None = None) -> float:
         """What this optimizer's cells show beyond the shared constants: ``scale`` times more of :meth:`raw`,
-        ``copies`` of the weights the device holds, and ``bytes`` of its own (the libraries of a package it wraps)."""
+        ``copies`` of the weights the device holds, and ``bytes`` of its own (the libraries of a package it wraps),
+        and what the tuning mode's cells show beyond a full one's."""
         extra = calibration.optimizers.get(self.optimizer, {})
         return (extra.get("scale", 0.0) * self.raw(layers=layers, head=head, batch_size=batch_size)
-                + extra.get("copies", 0.0) * weight_bytes + extra.get("bytes", 0.0))
+                + extra.get("copies", 0.0) * weight_bytes + extra.get("bytes", 0.0)
+                + calibration.tunings.get(self.tuning, 0.0))
 
     def decompose(self) -> tuple[DevicePeak, list[Linear]]:
         """One device's persistent parts (no transient, no overhead) and each phase's transient."""
         s, p = self.shape, self.per_param
         parts = DevicePeak(weights=round(s.params * p.weights),
-                           optimizer_state=round(s.params * p.state) + self.scaler(),
-                           gradients=round(s.params * p.gradients), transient=0, overhead=0)
+                           optimizer_state=round(s.trainable * p.state) + self.scaler(),
+                           gradients=round(s.trainable * p.gradients), transient=0, overhead=0)
         step = step_temporary(self.optimizer, s, p.weights, self.hparams, self.kind)
         return parts, self.phases(parts.gradients, step=step)
 
     def single(self, calibration: Calibration) -> DevicePeak:
         parts, candidates = self.decompose()
-        return settle(parts, candidates, calibration, self.extras(calibration, parts.weights))
+        trained = self.shape.trainable * self.per_param.weights  # what an optimizer's copies are copies of
+        return settle(parts, candidates, calibration, self.extras(calibration, trained))
 
     def accelerate(self, gpus: int, calibration: Calibration,
                    capacity: int | None) -> tuple[list[DevicePeak], list[str]]:

@@ -42,6 +42,9 @@ class Calibration:
     #: that do not grow with the model (on CPU, the libraries of a package it wraps, loaded before the floor is read
     #: but in the process's peak)
     optimizers: dict[str, dict[str, float]] = field(default_factory=dict)
+    #: tuning mode -> bytes its cells show beyond a fully tuned cell's prediction: on CPU, the libraries peft loads
+    #: (before the floor is read, as a cell loads them)
+    tunings: dict[str, float] = field(default_factory=dict)
     #: dtype -> bytes per output element that a matmul computing in that dtype holds in float32 while it runs:
     #: oneDNN computes bfloat16 matmuls into float32 on CPUs without native bfloat16; a GPU writes the output
     #: directly. Measured, not fitted (calibration carries it over).
@@ -64,7 +67,7 @@ class Calibration:
         and the allocator's slack."""
         optimizers = {name: {**extra, "bytes": 0.0} for name, extra in self.optimizers.items()}
         return dataclasses.replace(self, overhead_bytes=0, forward_scale=1.0, activation_scale=1.0,
-                                   optimizers=optimizers)
+                                   optimizers=optimizers, tunings={})
 
     def to_json(self) -> str:
         """Pretty JSON, the form stored with the package."""

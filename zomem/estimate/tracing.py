@@ -17,6 +17,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -162,10 +163,10 @@ def _quiet() -> Iterator[None]:
 
 
 @functools.lru_cache(maxsize=32)
-def _fake_model(spec: models.ModelSpec, layers: int, dtype: torch.dtype,
-                checkpointing: bool = False) -> tuple[Any, torch.nn.Module]:
-    """A fake model of ``spec`` cut to ``layers`` decoder layers (checkpointing them, if asked), and the fake mode it
-    lives in."""
+def _fake_model(spec: models.ModelSpec, layers: int, dtype: torch.dtype, checkpointing: bool = False,
+                tuning: str = "full") -> tuple[Any, torch.nn.Module]:
+    """A fake model of ``spec`` cut to ``layers`` decoder layers, tuned as ``tuning`` (peft's wrapping, as a cell
+    does) and checkpointing its layers if asked, and the fake mode it lives in."""
     from torch._subclasses.fake_tensor import FakeTensorMode
     from transformers import AutoModelForCausalLM
 
@@ -177,6 +178,9 @@ def _fake_model(spec: models.ModelSpec, layers: int, dtype: torch.dtype,
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     with mode, _quiet():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    # peft moves what it adds to the device of the layer it wraps, which torch cannot do to a fake tensor: its
+    # adapters (a fraction of a percent of the weights) are made as real tensors, which the mode reads as fakes
+    model = models.apply_tuning(model, tuning)
     return mode, models.enable_checkpointing(model) if checkpointing else model.eval()
 
 
@@ -187,14 +191,15 @@ def _region_peak(tracker: _Tracker, timeline: list[Moment], region: str) -> int:
 
 
 def _trace_once(spec: models.ModelSpec, layers: int, workload: workloads.Workload, dtype: str, precision: str,
-                backprop: bool, checkpointing: bool = False, fused: bool = False) -> Trace:
+                backprop: bool, checkpointing: bool = False, fused: bool = False, tuning: str = "full") -> Trace:
     weights_dtype = models.dtype("float32" if precision == "mixed" else dtype)
-    mode, model = _fake_model(spec, layers, weights_dtype, checkpointing)
+    mode, model = _fake_model(spec, layers, weights_dtype, checkpointing, tuning)
     real = workloads.make_batch(workload, spec.vocab)  # token ids: small, and made the same way as a cell's
     with mode:
         batch = workloads.Batch(*(mode.from_tensor(t) for t in (real.input_ids, real.attention_mask, real.labels,
                                                                 real.label_words)))
-    for param in model.parameters():
+    trained = [p for p in model.parameters() if p.requires_grad or tuning == "full"]
+    for param in trained:
         # trained parameters require grad even when a forward runs under no_grad: autocast caches their casts
         param.requires_grad_(True)
         param.grad = None
@@ -211,11 +216,15 @@ def _trace_once(spec: models.ModelSpec, layers: int, workload: workloads.Workloa
         hooks += [layer.register_full_backward_pre_hook(lambda *_: tracker.enter("layer backward"))
                   for layer in layers]
     if fused:
-        hooks += [param.register_post_accumulate_grad_hook(_free_grad) for param in model.parameters()]
+        hooks += [param.register_post_accumulate_grad_hook(_free_grad) for param in trained]
     autocast = (torch.autocast("cpu", dtype=models.dtype(dtype)) if precision == "mixed"
                 else contextlib.nullcontext())
     try:
-        with mode, tracker, torch.set_grad_enabled(backprop):
+        with mode, tracker, torch.set_grad_enabled(backprop), warnings.catch_warnings():
+            # a tuned model's frozen layers take no input that requires grad, which the backward hooks remark on;
+            # peft hands a prefix to transformers under the name it deprecates
+            warnings.filterwarnings("ignore", "Full backward hook is firing", UserWarning)
+            warnings.filterwarnings("ignore", "`past_key_values` is deprecated", FutureWarning)
             with autocast:
                 loss = workloads.loss(model, workload, batch)
             tracker.enter("backward")
@@ -244,13 +253,14 @@ def _free_grad(param: torch.Tensor) -> None:
 
 @functools.lru_cache(maxsize=512)
 def trace(model: str, workload: workloads.Workload, dtype: str, precision: str, backprop: bool,
-          checkpointing: bool = False, fused: bool = False) -> Trace:
+          checkpointing: bool = False, fused: bool = False, tuning: str = "full") -> Trace:
     """The trace of ``workload`` on ``model``: a forward under no_grad, or a forward and backward; weights in
     ``dtype`` (float32 in mixed precision, the forward then under autocast to ``dtype``). ``checkpointing``: the
     decoder layers recompute their activations in backward; ``fused``: each gradient is freed as soon as it is
-    complete, as an optimizer that updates inside backward frees it."""
+    complete, as an optimizer that updates inside backward frees it; ``tuning``: only the adapters or the prefix
+    train."""
     spec = models.spec(model)
-    options = (workload, dtype, precision, backprop, checkpointing, fused)
+    options = (workload, dtype, precision, backprop, checkpointing, fused, tuning)
     if spec.layers <= TRACED:
         return _trace_once(spec, spec.layers, *options)
     fewer, traced = (_trace_once(spec, n, *options) for n in (TRACED - 1, TRACED))

@@ -51,7 +51,10 @@ def apply_tuning(module: nn.Module, tuning: str) -> nn.Module:
             model_type = getattr(module.config, "model_type", "this")
             raise UsageError(f"peft cannot apply {tuning} tuning to a {model_type} model: "
                              f"{str(exc).splitlines()[0]}") from exc
-    return wrapped.to(dtype).eval()
+    for param in wrapped.parameters():  # what peft added; the model's own weights are left as they are
+        if param.dtype != dtype:
+            param.data = param.data.to(dtype)
+    return wrapped.eval()
 
 
 #: non-reentrant checkpointing, torch's recommended form (and transformers' default from version 5): it works whether or
