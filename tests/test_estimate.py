@@ -254,7 +254,8 @@ def test_an_optimizer_with_more_transient_gets_its_own_extra() -> None:
     shares = {k: v for k, v in fitted.optimizers["zo-adam"].items() if k != "bytes"}
     assert shares == pytest.approx({"copies": 0.5, "scale": 1.0}, abs=0.05)
     assert abs(fitted.optimizers["zo-adam"]["bytes"]) < 2**20
-    assert max(abs(extra[k]) for o, extra in fitted.optimizers.items() if o != "zo-adam" for k in ("copies", "scale")) < 0.05
+    assert max(abs(extra[k]) for o, extra in fitted.optimizers.items() if o != "zo-adam"
+               for k in ("copies", "scale")) < 0.05
     assert fitted.worst_residual < 0.01
 
 

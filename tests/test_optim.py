@@ -481,7 +481,8 @@ def mezo_svrg_reference(n: Numerics, block: int | None, lr: float, snapshot_lr: 
             work = [g * zi for zi in z]
             snapshot[:], estimate[:] = n.keep(restored), n.keep(work)
             return moved(restored, work, -snapshot_lr, n), plus
-        # θ̄ ± εz′ (θ̄ as kept), then θ − η·(ĝ(θ; z) − ĝ(θ̄; z′) + ḡ), θ as the snapshot's storage kept it
+        # θ̄ ± εz′ (θ̄ as kept), then θ − η·(ĝ(θ; z) − ĝ(θ̄; z′) + ḡ), θ as the snapshot's
+        # storage kept it
         other = n.zs(mix(s, 1), SHAPES, block)
         current = n.keep([a + EPS * zi for a, zi in zip(at, z, strict=True)])
         snap_at, snap_plus, snap_minus = pair(snapshot, other, n)
@@ -542,7 +543,8 @@ def adalomo_reference(n: Numerics, block: int | None, lr: float, weight_decay: f
 
 def adafactor_reference(n: Numerics, block: int | None, lr: float, beta2_decay: float, d: float,
                         weight_decay: float) -> tuple[Update, dict[str, Tensors]]:
-    """torch's Adafactor as its documentation writes it: ρ = min(lr, 1/√t), α = max(ε₂, RMS(θ))·ρ, factors moved
+    """torch's Adafactor as its documentation writes it: ρ = min(lr, 1/√t), α = max(ε₂, RMS(θ))·ρ, factors
+    moved
     toward the row and column means of g² by t^beta2_decay, ε₁ the weights' machine epsilon."""
     factors: dict[int, Tensors] = {}
 
@@ -579,7 +581,8 @@ def galore_projector(grad: torch.Tensor, rank: int) -> tuple[torch.Tensor, bool]
 def galore_reference(n: Numerics, block: int | None, lr: float, betas: tuple[float, float], eps: float,
                      weight_decay: float, rank: int, update_proj_gap: int,
                      scale: float) -> tuple[Update, dict[str, Tensors]]:
-    """Adam (bias-corrected step size, ε outside the root) on R = G·Pᵀ or Pᵀ·G for each matrix, the update projected
+    """Adam (bias-corrected step size, ε outside the root) on R = G·Pᵀ or Pᵀ·G for each matrix, the update
+    projected
     back and scaled; plain Adam on the vector; decoupled weight decay applied last, to the updated weights."""
     b1, b2 = betas
     projectors: dict[int, tuple[torch.Tensor, bool]] = {}

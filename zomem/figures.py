@@ -30,6 +30,12 @@ def _colours(names: Sequence[str]) -> dict[str, object]:
     return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(names)}
 
 
+def _marker(k: int) -> str:
+    """The k-th optimizer's marker: shifted by one each time the colours come round, so no two of the first 144
+    share both colour and marker."""
+    return MARKERS[(k + k // len(PALETTE)) % len(MARKERS)]
+
+
 def _size_label(model: str) -> str:
     return model.removeprefix("opt-")
 
@@ -50,7 +56,7 @@ def memory_vs_size(records: Sequence[Record], calibration: estimate.Calibration,
                              sharey=True, squeeze=False, layout="constrained")
     for ax, workload in zip(axes[0], workload_names, strict=True):
         for k, optimizer in enumerate(optimizers):
-            style = {"color": colours[optimizer], "marker": MARKERS[k % len(MARKERS)]}
+            style = {"color": colours[optimizer], "marker": _marker(k)}
             if tuning == "full":  # the estimator models full fine-tuning only
                 hparams = estimate.shaping(next((r.hparams for r in records if r.optimizer == optimizer), {}))
                 predicted = [estimate.estimate(name, optimizer, workload, dtype, device=calibration.device,
@@ -76,7 +82,7 @@ def memory_vs_size(records: Sequence[Record], calibration: estimate.Calibration,
         ax.set_xlabel("parameters")
         ax.grid(True, which="major", alpha=0.3)
     axes[0][0].set_ylabel(f"peak memory per device, GiB ({estimate.PROBE[calibration.device]})")
-    handles = [Line2D([], [], color=colours[o], marker=MARKERS[k % len(MARKERS)], label=o)
+    handles = [Line2D([], [], color=colours[o], marker=_marker(k), label=o)
                for k, o in enumerate(optimizers)]
     handles += [Line2D([], [], color="black", linestyle="-", label="measured"),
                 Line2D([], [], color="black", linestyle="--", label="predicted"),

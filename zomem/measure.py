@@ -254,7 +254,8 @@ def warmup_closure(prepared: Prepared) -> Callable[[], torch.Tensor]:
 
 
 def measure(cell: Cell, timeline: Path | None = None) -> Record:
-    """Run ``cell`` in this process: baseline → build → batch → warm-up → reset peaks → measured steps; then, for a
+    """Run ``cell`` in this process: baseline → build → batch → warm-up → reset peaks → measured steps; then,
+    for a
     cell that asks for a timeline, one tracked step whose timeline is written at ``timeline``."""
     prepared = prepare(cell)
     warm = warmup_closure(prepared)

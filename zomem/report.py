@@ -194,7 +194,8 @@ def index(records: Sequence[Record], tables: Sequence[Table], fits: Sequence[Fit
               f"## {fit_table.title}", "", fit_table.markdown(),
               "Defaults of this table: workload multirc (batch 1, about 400 tokens: the MeZO paper's memory "
               "setting); float16 weights for forward-only methods; mixed precision for first-order ones (float32 "
-              "weights, gradients and moments, forwards under float16 autocast); hardware rows 1/2/4/8 × A100-80GB and "
+              "weights, gradients and moments, forwards under float16 autocast); "
+              "hardware rows 1/2/4/8 × A100-80GB and "
               "1/2/4/8 × V100-32GB. A cell is measured only where `zomem fit --measure` ran on such a card "
               "(recorded in fits.jsonl); every other cell is predicted, and marked (p).", "",
               "## Figures", ""]

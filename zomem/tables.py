@@ -155,8 +155,10 @@ def memory_breakdown(records: Sequence[Record]) -> Table:
                      b["optimizer_state"], round(copies, 4), b["gradients"], cached, b["transient"],
                      b.get("logits", ""), probe, r.peak_bytes[probe], r.state_dtype or ""])
     notes = [f"Peak and breakdown from {', '.join(probes) or 'no probe'}. P: one copy of the trainable parameters "
-             "in their dtype. Optimizer state is summed from the optimizer's state tensors; transient = peak − floor − "
-             "weights − optimizer state − gradients" + (" − autocast cache" if cache else "") + ", the floor being "
+             "in their dtype. Optimizer state is summed from the optimizer's state tensors; "
+             "transient = peak − floor − "
+             "weights − optimizer state − gradients" + (" − autocast cache" if cache else "")
+             + ", the floor being "
              "the probe's reading before the model was built on CPU (zero on a GPU). Logits: the share of the "
              "transient one forward's logits take (every position's, in the dtype the head's matmul runs in)."]
     if cache:

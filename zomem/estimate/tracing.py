@@ -6,7 +6,8 @@ that makes it to its release. That counts what the architecture really allocates
 attention, rotary tables, masks, untied heads, the loss's float32 copies, autocast's half copies of the weights —
 with no constant of one family. Attention runs as PyTorch's fused kernels keep it (the output and per-row
 statistics, not the S×S scores), as on a GPU. Decoder layers are alike, so a model is traced with two and with three
-layers and the rest is extrapolated from their difference: a trace costs a fraction of a second whatever the depth. A backward can be traced
+layers and the rest is extrapolated from their difference: a trace costs a fraction of a second whatever the depth. A
+backward can be traced
 with gradient checkpointing (transformers' own, on the fake model) and with each gradient freed as soon as it is
 complete, as an optimizer that updates inside backward frees it (LOMO's).
 """

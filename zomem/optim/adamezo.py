@@ -16,7 +16,8 @@ class AdaMeZO(ZerothOrder):
 
     With gᵢ zᵢ the estimate of step t−i (i = 0…K−1, fewer during the first K steps):
 
-    m = Σᵢ (1−β1)β1ⁱ·gᵢzᵢ / Σᵢ (1−β1)β1ⁱ;  v = Σᵢ (1−β2)β2ⁱ·(gᵢzᵢ)² / Σᵢ (1−β2)β2ⁱ;  θ −= η·m/(√v + adam_eps).
+    m = Σᵢ (1−β1)β1ⁱ·gᵢzᵢ / Σᵢ (1−β1)β1ⁱ;
+    v = Σᵢ (1−β2)β2ⁱ·(gᵢzᵢ)² / Σᵢ (1−β2)β2ⁱ;  θ −= η·m/(√v + adam_eps).
 
     The update walks the parameters block by block (``block_size``: elements, or None for whole tensors),
     regenerating the K past z of each block into the z buffer: extra memory is two block-sized buffers (m, v),

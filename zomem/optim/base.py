@@ -271,7 +271,8 @@ class ZerothOrder(Optimizer):
 
     def evaluate_pair(self, closure: Callable[[], torch.Tensor], step_seed: int,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """L+ = L(θ+εd), L− = L(θ−εd) along the step's direction d; θ is left at θ−εd for the update pass to restore."""
+        """L+ = L(θ+εd), L− = L(θ−εd) along the step's direction d;
+        θ is left at θ−εd for the update pass to restore."""
         self.perturb(step_seed, +eps)
         loss_plus = closure()
         self.perturb(step_seed, -2 * eps)

@@ -13,7 +13,8 @@ from zomem.optim.base import ZerothOrder, check_positive
 
 
 class ForwardGrad(ZerothOrder):
-    """Forward gradient: one JVP along a seeded tangent v ~ N(0, I) gives ∇L·v; θ −= η·(∇L·v)·v. Keeps nothing.
+    """Forward gradient: one JVP along a seeded tangent v ~ N(0, I) gives ∇L·v; θ −= η·(∇L·v)·v.
+    Keeps nothing.
 
     The tangents are attached to the parameters themselves, so any closure works unchanged: no access to the
     module is needed. They are all alive during the forward (1P transient); nothing is kept between steps.
@@ -46,7 +47,8 @@ class ForwardGrad(ZerothOrder):
                 param.copy_(fwAD.make_dual(param.detach(), tangent))
             loss, directional = fwAD.unpack_dual(closure())
         if directional is None:
-            raise RuntimeError("forward-grad: the closure's loss carries no tangent, so ∇L·v is unknown: compute the "
+            raise RuntimeError("forward-grad: the closure's loss carries no tangent, so ∇L·v is unknown: "
+                               "compute the "
                                "loss inside the closure from the parameters given to the optimizer (a loss computed "
                                "from detached copies has no forward derivative)")
         jvp = float(directional)

@@ -74,7 +74,8 @@ class FusedBackward(Optimizer):
 
 
 class LOMO(FusedBackward):
-    """LOMO: SGD fused into backward, θ ← θ(1 − ηλ) − η·g per parameter as its gradient completes; keeps nothing.
+    """LOMO: SGD fused into backward, θ ← θ(1 − ηλ) − η·g per parameter as its gradient completes;
+    keeps nothing.
 
     The authors' code (lomo-optim) needs the model and its own backward call; this is the same update through torch's
     post-accumulate-grad hooks, driven by a closure like every other optimizer here. Their two-pass gradient-norm
@@ -106,9 +107,10 @@ class AdaLomo(FusedBackward):
     """AdaLomo: LOMO with Adafactor's factored second moments and grouped update normalisation, fused into backward.
 
     Per parameter at its step t, β = 1 − t^decay_rate, ε₁, ε₂ = eps, d = clip_threshold:
-    a matrix keeps r ← βr + (1−β)·mean_cols(g² + ε₁) and c ← βc + (1−β)·mean_rows(g² + ε₁), u = g / √(r cᵀ / mean(r));
-    a vector keeps v ← βv + (1−β)(g² + ε₁), u = g / √v. Then u ← u / max(1, RMS(u)/d), η' = η·max(ε₂, RMS(θ)) and
-    θ ← θ(1 − η'λ) − η'·u. The factors are kept in the compute dtype (float32 for half weights, as the authors keep
+    a matrix keeps r ← βr + (1−β)·mean_cols(g² + ε₁) and c ← βc + (1−β)·mean_rows(g² + ε₁),
+    u = g / √(r cᵀ / mean(r)); a vector keeps v ← βv + (1−β)(g² + ε₁), u = g / √v. Then
+    u ← u / max(1, RMS(u)/d), η' = η·max(ε₂, RMS(θ)) and θ ← θ(1 − η'λ) − η'·u. The factors are
+    kept in the compute dtype (float32 for half weights, as the authors keep
     them); u is formed block by block, never whole.
     """
 

@@ -29,7 +29,8 @@ class GaLore(PackageOptimizer):
     Each layer matrix's gradient G (m×n) is projected by P from G's SVD, refreshed every ``update_proj_gap`` steps;
     the update is projected back and scaled by ``scale``; the other parameters get AdamW.
 
-    With m ≥ n, P = Vᵀ[:r] (r×n) and R = G·Pᵀ (m×r); otherwise P = U[:, :r] (m×r) and R = Pᵀ·G (r×n). Per matrix it
+    With m ≥ n, P = Vᵀ[:r] (r×n) and R = G·Pᵀ (m×r); otherwise P = U[:, :r] (m×r) and R = Pᵀ·G (r×n). Per
+    matrix it
     keeps P and two moments of R's shape. Defaults: the paper's rank 128, refresh every 200 steps and scale 0.25.
     """
 
@@ -113,6 +114,7 @@ class GaLore(PackageOptimizer):
 
     @staticmethod
     def step_temporaries(hparams: dict[str, Any], device: str = "cuda") -> tuple[float, float]:
-        """The package's AdamW makes √v + ε and m/(√v + ε) as new tensors, one parameter at a time: two copies of the
+        """The package's AdamW makes √v + ε and m/(√v + ε) as new tensors, one parameter at a time: two copies of
+        the
         largest tensor, an embedding (read by the estimator)."""
         return 0.0, 2.0

@@ -56,7 +56,8 @@ class HiZOO(ZerothOrder):
                 alpha = b.group["hessian_smooth"]
                 b.x.addcdiv_(b.z, self._sqrt_hessian(b), value=eps)  # restore θ with the H it was perturbed by
                 hessian = self._hessian(b)
-                # (1−α)H + α·c·H⊙z² = H ⊙ (1 − α + α·c·z²), formed in the compute dtype: with α ~ 1e-6 the
+                # (1−α)H + α·c·H⊙z² = H ⊙ (1 − α + α·c·z²), formed in the compute dtype:
+                # with α ~ 1e-6 the
                 # increment is far below half precision's resolution at 1
                 updated = torch.mul(b.z, b.z, out=self.scratch(b, "work")).mul_(alpha * curvature).add_(1 - alpha)
                 updated.mul_(hessian)

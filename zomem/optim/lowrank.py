@@ -1,5 +1,6 @@
 """What the low-rank zeroth-order methods (LOZO, SubZero) share: a weight matrix is perturbed along a product of thin
-factors L·Rᵀ, walked in blocks of whole rows, so a block's perturbation is its rows of L times Rᵀ and only the factors
+factors L·Rᵀ, walked in blocks of whole rows, so a block's perturbation is its rows of L times Rᵀ and only the
+factors
 are ever drawn. Other tensors (biases, LayerNorms) are perturbed as MeZO perturbs them."""
 
 from __future__ import annotations

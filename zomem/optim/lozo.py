@@ -1,4 +1,5 @@
-"""LOZO and LOZO-M (Chen et al., ICLR 2025): zeroth-order SGD along low-rank perturbations U·Vᵀ of each weight matrix,
+"""LOZO and LOZO-M (Chen et al., ICLR 2025): zeroth-order SGD along low-rank perturbations U·Vᵀ of each weight
+matrix,
 with V shared by ν consecutive steps (lazy sampling); LOZO-M keeps its momentum in that low-rank space."""
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ RANK, INTERVAL = 2, 50
 
 
 class LazyFactors(LowRank):
-    """LOZO's perturbation of a weight matrix X (m × n): U·Vᵀ with U ~ N(0, I) (m × r) fresh each step and V ~ N(0, I)
+    """LOZO's perturbation of a weight matrix X (m × n): U·Vᵀ with U ~ N(0, I) (m × r) fresh each step and
+    V ~ N(0, I)
     (n × r) redrawn every ν steps (``interval``), regenerated from the seed of the step that drew it: never stored."""
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, seed: int,
@@ -82,7 +84,8 @@ class LOZOMomentum(LazyFactors):
 
     With c, U, V as in LOZO, and N = 0, m = 0 at the start:
 
-    N ← β·Ñ + (1−β)·c·U;  X −= η·N·Vᵀ/r, where Ñ = N, or N·V_oldᵀV/n when V has just been redrawn (the momentum
+    N ← β·Ñ + (1−β)·c·U;  X −= η·N·Vᵀ/r, where Ñ = N, or N·V_oldᵀV/n when V has just been redrawn
+    (the momentum
     carried into the new subspace); other tensors m ← β·m + (1−β)·c·z;  θ −= η·m.
 
     Keeps N for each matrix and m for the others: a few thousandths of the parameters (:meth:`state_elements`).

@@ -11,7 +11,8 @@ from zomem.optim.base import ZerothOrder, check_positive, one_thread
 
 
 class MeZO(ZerothOrder):
-    """θ+εz → L+; θ−2εz → L−; θ+εz; g = (L+ − L−)/2ε; θ −= η(g·z + λθ). Keeps nothing between steps."""
+    """θ+εz → L+; θ−2εz → L−; θ+εz; g = (L+ − L−)/2ε; θ −= η(g·z + λθ).
+    Keeps nothing between steps."""
 
     def __init__(self, params: Any, lr: float = 1e-6, eps: float = 1e-3, weight_decay: float = 0.0,
                  *, seed: int = 0, block_size: int | str | None = "auto") -> None:

@@ -22,8 +22,9 @@ class MeZOSVRG(ZerothOrder):
     t mod q = 0:  ḡ ← ĝ(θ; z̄);  θ̄ ← θ;  θ −= η̄·ḡ   (2 forwards)
     otherwise:    θ −= η·(ĝ(θ; z) − ĝ(θ̄; z′) + ḡ)   (4 forwards)
 
-    η̄ is ``snapshot_lr``. ḡ is the snapshot's estimate on the cell's batch, which stands for the paper's full batch.
-    The forwards at θ̄ ± εz′ swap θ̄ into the parameters and θ into the snapshot's storage, block by block, and swap
+    η̄ is ``snapshot_lr``. ḡ is the snapshot's estimate on the cell's batch, which stands for the paper's full
+    batch. The forwards at θ̄ ± εz′ swap θ̄ into the parameters and θ into the snapshot's storage, block by
+    block, and swap
     them back in the update: no third copy is made.
     """
 

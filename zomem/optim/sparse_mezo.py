@@ -17,13 +17,15 @@ SAMPLE = 1 << 16
 class SparseMeZO(ZerothOrder):
     """Sparse MeZO: MeZO on each tensor's weights of magnitude at most h, its (1 − s)-quantile; keeps nothing.
 
-    With m = 1[|θ| ≤ h] and h from θ at the start of the step (s = ``sparsity``, the share of each tensor left alone):
+    With m = 1[|θ| ≤ h] and h from θ at the start of the step (s = ``sparsity``, the share of each tensor left
+    alone):
 
     L± = L(θ ± ε·m⊙z);  g = (L+ − L−)/2ε;  θ −= η·g·m⊙z.
 
-    h is the ⌈(1 − s)·k⌉-th smallest |θ| of k ≤ 2¹⁶ elements, at positions fixed by the optimizer's seed (all of a
-    smaller tensor). The mask is never stored: each walk reads it back from θ and z, since θ = θ₀ + o·m⊙z after a
-    walk that moved it by o (o = ε, then −ε): m = 1[|θ − o·z| ≤ h]. That reading errs only for weights left alone
+    h is the ⌈(1 − s)·k⌉-th smallest |θ| of k ≤ 2¹⁶ elements, at positions fixed by the optimizer's seed
+    (all of a smaller tensor). The mask is never stored: each walk reads it back from θ and z, since
+    θ = θ₀ + o·m⊙z after a walk that moved it by o (o = ε, then −ε): m = 1[|θ − o·z| ≤ h]. That reading
+    errs only for weights left alone
     within ε·|z| of the threshold, and no reading of θ and z alone can tell those from perturbed ones, so each walk
     notes where the next one would err: 32-bit positions of about 1.5% of the weights (OPT's at ε = 10⁻³), dropped
     with the step.
@@ -75,7 +77,8 @@ class SparseMeZO(ZerothOrder):
         return mask
 
     def move(self, b: Block, alpha: float, last: bool = False) -> None:
-        """θ += alpha·m⊙z on block ``b``; unless it is the step's last walk, note where the next walk will misread m."""
+        """θ += alpha·m⊙z on block ``b``; unless it is the step's last walk,
+        note where the next walk will misread m."""
         mask = self.mask(b)
         b.x.addcmul_(b.z, mask, value=alpha)
         if not last:

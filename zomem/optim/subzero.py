@@ -22,9 +22,11 @@ class SubZero(LowRank):
     """SubZero: probe each weight matrix X (m × n) along s·U·Z·Vᵀ, other tensors along z; keeps U and V.
 
     U (m × r) and V (n × r) have orthonormal columns (QR of Gaussian matrices) and are redrawn every T0 steps
-    (``interval``); Z ~ N(0, I) (r × r) is fresh each step; s = √(mn)/r makes E[c·s·UZVᵀ] the gradient as ε → 0:
+    (``interval``); Z ~ N(0, I) (r × r) is fresh each step; s = √(mn)/r makes E[c·s·UZVᵀ] the gradient
+    as ε → 0:
 
-    c = (L(X + ε·s·UZVᵀ) − L(X − ε·s·UZVᵀ))/2ε;  X −= η·c·s·UZVᵀ;  other tensors θ −= η·c·z (MeZO).
+    c = (L(X + ε·s·UZVᵀ) − L(X − ε·s·UZVᵀ))/2ε;  X −= η·c·s·UZVᵀ;
+    other tensors θ −= η·c·z (MeZO).
 
     U and V are kept, (m + n)·r elements per matrix (:meth:`state_elements`), not regenerated: QR orthonormalises a
     whole factor at once, so a factor cannot be drawn block by block as z is, and regenerating both would take a QR of

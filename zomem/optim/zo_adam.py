@@ -18,7 +18,8 @@ def check_betas(betas: tuple[float, float]) -> tuple[float, float]:
 
 
 class ZOAdam(ZerothOrder):
-    """g = (L+ − L−)/2ε; m = β1·m + (1−β1)·g·z; v = β2·v + (1−β2)·(g·z)²; θ −= η·m̂/(√v̂ + adam_eps). Keeps m, v (2P).
+    """g = (L+ − L−)/2ε; m = β1·m + (1−β1)·g·z; v = β2·v + (1−β2)·(g·z)²;
+    θ −= η·m̂/(√v̂ + adam_eps). Keeps m, v (2P).
 
     m̂, v̂ are Adam's bias-corrected moments. ZO-AdaMM's max(v̂) would be a third copy; the spec keeps 2P.
     """

@@ -35,7 +35,8 @@ def anneal(t: int, t1: float, t2: float, final: Coefficients = FINAL) -> Coeffic
 
 
 class ZOAdaMU(ZerothOrder):
-    """ZO-AdaMU: probe along m = β1·ż + (1−β1)·z̈ (momentum h, annealed noise); θ −= η·g·m/√(v+σ). Keeps h (1P).
+    """ZO-AdaMU: probe along m = β1·ż + (1−β1)·z̈ (momentum h, annealed noise); θ −= η·g·m/√(v+σ).
+    Keeps h (1P).
 
     At step t, with (α, β1, β2) = schedule(t):
 

@@ -70,7 +70,8 @@ class ZOSGDSign(ZerothOrder):
 
 
 class ZOSGDConservative(ZerothOrder):
-    """ZO-SGD-Cons: g from L± as in MeZO, then evaluate θ, θ − ηg·z, θ + ηg·z and keep the best (5 forwards)."""
+    """ZO-SGD-Cons: g from L± as in MeZO, then evaluate θ, θ − ηg·z, θ + ηg·z and keep the best
+    (5 forwards)."""
 
     def __init__(self, params: Any, lr: float = 1e-6, eps: float = 1e-3, *, seed: int = 0,
                  block_size: int | str | None = "auto") -> None:

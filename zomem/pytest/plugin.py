@@ -78,7 +78,8 @@ def add_grid_options(addoption: Callable[..., Any]) -> None:
     addoption("--zomem-optimizers", type=parse_names, default=None, metavar="NAMES",
               help="comma-separated optimizers (default: every registered one the model's positions take)")
     addoption("--zomem-workloads", type=parse_names, default=None, metavar="NAMES",
-              help="comma-separated workloads, custom:batch=B,seq=S allowed (default: every registered one the model's positions take)")
+              help="comma-separated workloads, custom:batch=B,seq=S allowed (default: every registered one the model's "
+                   "positions take)")
     addoption("--zomem-rounds", type=parse_rounds, default=5, metavar="N",
               help="timed steps per benchmark, and measured steps in the memory child (default: 5)")
     addoption("--zomem-warmup", type=parse_warmup, default=1, metavar="N",
