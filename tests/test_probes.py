@@ -325,17 +325,20 @@ MEMORY_INFO_S, PROCESSES_S = 20e-6, 100e-6
 
 
 def test_nvml_sampling_at_its_default_interval_costs_under_one_percent_of_a_step() -> None:
-    # The step's own thread sleeps, so the process's CPU time over the region is the sampler's: what it can take from
-    # a step running beside it, whether it shares the step's core or waits for the GIL. The fake's queries hold the
-    # GIL while they take their time (real ones release it in ctypes), so this errs high.
+    # The sampler thread's own CPU time over a second is what it can take from a step running beside it, whether it
+    # shares the step's core or holds the GIL: the fake's queries hold it while they take their time (real ones
+    # release it in ctypes), so this errs high. Read from the thread's own clock, so other threads of a busy test
+    # process are not counted.
     fake = FakeNvml(processes={os.getpid(): GiB}, memory_info_s=MEMORY_INFO_S, processes_s=PROCESSES_S)
     probe = Nvml(0, nvml=fake)  # type: ignore[arg-type]
     with probe:
         pass  # the thread's first start is a one-off, not the cost per second of sampling
-    cpu_s, wall_s = time.process_time(), time.perf_counter()
     with probe:
+        sampler = next(t for t in threading.enumerate() if t.name == "zomem-probe-sampler")
+        clock = time.pthread_getcpuclockid(sampler.ident)
+        cpu_s, wall_s = time.clock_gettime(clock), time.perf_counter()
         time.sleep(1.0)
-    cpu_s, wall_s = time.process_time() - cpu_s, time.perf_counter() - wall_s
+        cpu_s, wall_s = time.clock_gettime(clock) - cpu_s, time.perf_counter() - wall_s
     calls_per_s = 2 * probe.samples / wall_s
     figures = (f"{calls_per_s:.0f} NVML calls/s at {NVML_INTERVAL_S * 1000:.0f} ms, "
                f"{cpu_s / probe.samples * 1e6:.0f} µs CPU per sample, {cpu_s / wall_s:.2%} of a step")
