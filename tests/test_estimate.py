@@ -322,11 +322,13 @@ def test_calibrate_and_estimate_commands(tmp_path: Path, capsys: pytest.CaptureF
 
 
 REPORTS = Path(__file__).parent.parent / "reports"
+#: the records the shipped CPU constants were fitted to
+FITTED = estimate.CALIBRATION_DIR / "cpu.records.jsonl"
 
 
 def test_the_shipped_cpu_constants_fit_their_own_records_within_5_percent() -> None:
     shipped = Calibration.load("cpu")
-    fitted_to = records.read(Path(estimate.__file__).parent.parent / "calibration" / "cpu.records.jsonl")
+    fitted_to = records.read(FITTED)
     assert shipped.calibrated and shipped.cells == sum(calibrate.modelled(r, "cpu") for r in fitted_to)
     assert shipped.worst_residual is not None and shipped.worst_residual <= 0.05
 
@@ -335,7 +337,7 @@ def test_the_shipped_cpu_constants_fit_their_own_records_within_5_percent() -> N
 def test_the_reference_and_held_out_family_cells_are_predicted_within_5_percent(folder: str) -> None:
     # qwen2.5 is the family held out of the CPU calibration: its cells are predicted, never fitted
     measured = [r for r in records.read(REPORTS / folder / "records.jsonl") if calibrate.modelled(r, "cpu")]
-    fitted_to = records.read(Path(estimate.__file__).parent.parent / "calibration" / "cpu.records.jsonl")
+    fitted_to = records.read(FITTED)
     assert not any(r.model.startswith("qwen") for r in fitted_to)
     worst = max(calibrate.residuals(measured, Calibration.load("cpu")), key=lambda res: abs(res.relative))
     assert len(measured) >= 6 and abs(worst.relative) <= 0.05, (worst.record.key, worst.relative)

@@ -99,13 +99,17 @@ class Record:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Record:
         """A record from its JSON object; unknown keys are an error, not silently dropped."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown record fields: {', '.join(unknown)}")
-        if data.get("schema", SCHEMA) != SCHEMA:
-            raise ValueError(f"record schema {data.get('schema')} is not {SCHEMA}")
+        check_fields(cls, data, "record", SCHEMA)
         return cls(**data)
+
+
+def check_fields(cls: type, data: dict[str, Any], kind: str, schema: int) -> None:
+    """Refuse a JSON object with keys the dataclass ``cls`` lacks, or of another ``schema`` than this one."""
+    unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"unknown {kind} fields: {', '.join(unknown)}")
+    if data.get("schema", schema) != schema:
+        raise ValueError(f"{kind} schema {data.get('schema')} is not {schema}")
 
 
 def method_label(optimizer: str, checkpointing: bool) -> str:

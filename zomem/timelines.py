@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from zomem.records import RecordsError
+from zomem.records import RecordsError, check_fields
 
 SCHEMA = 1
 #: what a tracked storage is, bottom of the stack first: what a step keeps, then what it makes and frees
@@ -141,12 +141,7 @@ class Timeline:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Timeline:
         """A timeline from its JSON object; unknown keys and another schema are errors."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
-        if unknown:
-            raise ValueError(f"unknown timeline fields: {', '.join(unknown)}")
-        if data.get("schema", SCHEMA) != SCHEMA:
-            raise ValueError(f"timeline schema {data.get('schema')} is not {SCHEMA}")
+        check_fields(cls, data, "timeline", SCHEMA)
         return cls(**{**data, "phases": [Band(*band) for band in data["phases"]]})
 
     def save(self, path: str | Path) -> None:

@@ -2,29 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from zomem import models
 from zomem.estimate.counts import decoder_layers, meta_model
-
-
-@contextlib.contextmanager
-def _quiet_accelerate() -> Iterator[None]:
-    # Placing for GPUs that are not in this machine is the point; accelerate warns about each one.
-    # The NVML check keeps torch from initialising CUDA in this (parent) process.
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    log = logging.getLogger("accelerate.utils.modeling")
-    level = log.level
-    log.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        log.setLevel(level)
+from zomem.estimate.tracing import quiet
 
 
 @functools.lru_cache(maxsize=256)
@@ -35,7 +20,10 @@ def device_map(model: str, dtype: str, budgets: tuple[int, ...]) -> dict[str, in
     meta, torch_dtype = meta_model(model), models.dtype(dtype)
     # a decoder layer is never split across devices (it has a residual connection): each family names its class
     no_split = list(getattr(meta, "_no_split_modules", None) or ())
-    with _quiet_accelerate():
+    # Placing for GPUs that are not in this machine is the point; accelerate warns about each one.
+    # The NVML check keeps torch from initialising CUDA in this (parent) process.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    with quiet("accelerate.utils.modeling"):
         max_memory = get_balanced_memory(meta, dict(enumerate(budgets)), no_split_module_classes=no_split,
                                          dtype=torch_dtype)
         return infer_auto_device_map(meta, max_memory, no_split_module_classes=no_split, dtype=torch_dtype)

@@ -152,9 +152,9 @@ def _key(tensor: Any) -> int | None:
 
 
 @contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    # transformers warns about configs cut to fewer layers than a per-layer setting names: nothing to act on here
-    log = logging.getLogger("transformers")
+def quiet(logger: str) -> Iterator[None]:
+    """Only errors from ``logger`` while the block runs: warnings about what the estimator does on purpose."""
+    log = logging.getLogger(logger)
     level = log.level
     log.setLevel(logging.ERROR)
     try:
@@ -177,7 +177,8 @@ def _fake_model(spec: models.ModelSpec, layers: int, dtype: torch.dtype, checkpo
         if isinstance(getattr(config, name, None), list):
             setattr(config, name, getattr(config, name)[:layers])
     mode = FakeTensorMode(allow_non_fake_inputs=True)
-    with mode, _quiet():
+    # transformers warns about configs cut to fewer layers than a per-layer setting names: nothing to act on here
+    with mode, quiet("transformers"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     # peft moves what it adds to the device of the layer it wraps, which torch cannot do to a fake tensor: its
     # adapters (a fraction of a percent of the weights) are made as real tensors, which the mode reads as fakes

@@ -90,6 +90,12 @@ def check_positive(name: str, value: float, allow_zero: bool = False) -> None:
         raise ValueError(f"invalid {name}: {value} (must be {'>= 0' if allow_zero else '> 0'})")
 
 
+def check_fraction(name: str, value: float) -> None:
+    """Refuse a share outside [0, 1), naming the value."""
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"invalid {name}: {value} (must be in [0, 1))")
+
+
 def check_state_dtype(value: str | torch.dtype | None) -> str | None:
     """A ``state_dtype`` option as its name (None keeps the parameter dtype); anything else is refused."""
     if isinstance(value, torch.dtype):
@@ -277,6 +283,23 @@ class ZerothOrder(Optimizer):
         loss_plus = closure()
         self.perturb(step_seed, -2 * eps)
         return loss_plus, closure()
+
+    @torch.no_grad()
+    def descend(self, closure: Callable[[], torch.Tensor], step_seed: int,
+                projected: Callable[[Block, float], float] | None = None) -> torch.Tensor:
+        """MeZO's step without weight decay along the step's perturbation: g = (L+ − L−)/2ε from
+        :meth:`evaluate_pair`, then one pass that restores θ and moves it by −η·g (``projected(b, g)`` instead of g
+        where a method scales it per block) with one regeneration and one add per block. Returns L+."""
+        eps = self.defaults["eps"]
+        loss_plus, loss_minus = self.evaluate_pair(closure, step_seed, eps)
+        grad = (float(loss_plus) - float(loss_minus)) / (2 * eps)
+        with self.phase("update"), one_thread():
+            for b in self.blocks(step_seed):
+                g = grad if projected is None else projected(b, grad)
+                b.x.add_(b.z, alpha=eps - b.group["lr"] * g)
+        self.state["global"]["projected_grad"] = grad
+        self.release_buffers()
+        return loss_plus
 
     def state_dict(self) -> dict[str, Any]:
         """torch's state dict with a snapshot of the global entry, so later steps do not rewrite a saved one."""

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from zomem.optim.base import Block, ZerothOrder, check_positive, mix, one_thread
+from zomem.optim.base import Block, ZerothOrder, check_fraction, check_positive, mix
 
 #: a layer is the first number in a parameter's name ("model.decoder.layers.3.fc1.weight" is in layer 3)
 LAYER = re.compile(r"\.(\d+)\.")
@@ -34,8 +34,7 @@ class LeZO(ZerothOrder):
                  block_size: int | str | None = "auto") -> None:
         check_positive("lr", lr, allow_zero=True)
         check_positive("eps", eps)
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"invalid sparsity: {sparsity} (must be in [0, 1))")
+        check_fraction("sparsity", sparsity)
         super().__init__(params, {"lr": lr, "eps": eps, "sparsity": sparsity}, seed=seed, block_size=block_size)
 
     def layers(self) -> tuple[list[list[int]], list[int]]:
@@ -69,13 +68,4 @@ class LeZO(ZerothOrder):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
-        seed, eps = self.next_step_seed(), self.defaults["eps"]
-        loss_plus, loss_minus = self.evaluate_pair(closure, seed, eps)
-        grad = (float(loss_plus) - float(loss_minus)) / (2 * eps)
-        # restoring θ and updating it share one regeneration of z per block, and one add
-        with self.phase("update"), one_thread():
-            for b in self.blocks(seed):
-                b.x.add_(b.z, alpha=eps - b.group["lr"] * grad)
-        self.state["global"]["projected_grad"] = grad
-        self.release_buffers()
-        return loss_plus
+        return self.descend(closure, self.next_step_seed())

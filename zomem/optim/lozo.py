@@ -66,17 +66,9 @@ class LOZO(LazyFactors):
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
         _, seed = self.begin()
-        eps, rank = self.defaults["eps"], self.defaults["rank"]
-        loss_plus, loss_minus = self.evaluate_pair(closure, seed, eps)
-        grad = (float(loss_plus) - float(loss_minus)) / (2 * eps)
-        # restoring θ and stepping share one regeneration of the perturbation per block, and one add
-        with self.phase("update"), one_thread():
-            for b in self.blocks(seed):
-                scale = grad / rank if b.param.ndim == 2 else grad
-                b.x.add_(b.z, alpha=eps - b.group["lr"] * scale)
-        self.state["global"]["projected_grad"] = grad
-        self.release_buffers()
-        return loss_plus
+        rank = self.defaults["rank"]
+        # a matrix's estimate is c·UVᵀ/r: its step divides g by the rank
+        return self.descend(closure, seed, lambda b, grad: grad / rank if b.param.ndim == 2 else grad)
 
 
 class LOZOMomentum(LazyFactors):

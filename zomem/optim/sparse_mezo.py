@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from zomem.optim.base import Block, ZerothOrder, check_positive, mix, one_thread
+from zomem.optim.base import Block, ZerothOrder, check_fraction, check_positive, mix, one_thread
 
 #: elements of a tensor read to estimate its threshold: a quantile of a bounded sample, never a full-size copy
 SAMPLE = 1 << 16
@@ -40,8 +40,7 @@ class SparseMeZO(ZerothOrder):
                  block_size: int | str | None = "auto") -> None:
         check_positive("lr", lr, allow_zero=True)
         check_positive("eps", eps)
-        if not 0.0 <= sparsity < 1.0:
-            raise ValueError(f"invalid sparsity: {sparsity} (must be in [0, 1))")
+        check_fraction("sparsity", sparsity)
         super().__init__(params, {"lr": lr, "eps": eps, "sparsity": sparsity}, seed=seed, block_size=block_size)
         self._thresholds: list[float] = []
         self._offset = 0.0  # θ − θ₀, in units of m⊙z

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from zomem.optim.base import Block, check_positive, check_state_dtype, one_thread
+from zomem.optim.base import Block, check_positive, check_state_dtype
 from zomem.optim.lowrank import LowRank, check_interval, check_rank
 
 #: the block indices under which a refresh draws the Gaussian matrices that QR turns into U and V, and under which a
@@ -81,15 +81,7 @@ class SubZero(LowRank):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], torch.Tensor]) -> torch.Tensor:  # type: ignore[override]
-        t, seed, eps = self.step_count, self.next_step_seed(), self.defaults["eps"]
+        t, seed = self.step_count, self.next_step_seed()
         if t % self.defaults["interval"] == 0:
             self.redraw(seed)
-        loss_plus, loss_minus = self.evaluate_pair(closure, seed, eps)
-        grad = (float(loss_plus) - float(loss_minus)) / (2 * eps)
-        # restoring θ and stepping share one regeneration of the perturbation per block, and one add
-        with self.phase("update"), one_thread():
-            for b in self.blocks(seed):
-                b.x.add_(b.z, alpha=eps - b.group["lr"] * grad)
-        self.state["global"]["projected_grad"] = grad
-        self.release_buffers()
-        return loss_plus
+        return self.descend(closure, seed)
