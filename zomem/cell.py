@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from zomem import models, optim, workloads
+from zomem import models, optim, ranks, workloads
 from zomem.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -133,6 +133,11 @@ class Cell:
     #: recompute each decoder layer's activations in backward instead of keeping them (gradient checkpointing through
     #: transformers; first-order methods only)
     checkpointing: bool = False
+    #: processes the cell runs as, one per device (on CPU, ranks share the machine's cores)
+    ranks: int = 1
+    #: how ranks share the model (:data:`zomem.ranks.STRATEGIES`); None: one process holding everything (``fsdp``
+    #: when ``ranks`` > 1)
+    strategy: str | None = None
 
     @property
     def param_dtype(self) -> str:
@@ -158,8 +163,13 @@ class Cell:
         if self.warmup_batch is not None and self.warmup_batch < 1:
             raise UsageError(f"a warm-up batch needs at least one example (got warmup_batch={self.warmup_batch})")
         device = resolve_device(self.device)
+        strategy = self.strategy or ("fsdp" if self.ranks > 1 else None)
+        ranks.check(strategy, self.ranks, self.optimizer, device, self.tuning,
+                    workloads.get(self.workload).batch_size)
+        if self.timeline and strategy is not None:
+            raise UsageError("a memory timeline tracks one process's step; run it on one device, without --strategy")
         check_dtype_on(device, self.dtype)
-        return dataclasses.replace(self, device=device)
+        return dataclasses.replace(self, device=device, strategy=strategy)
 
     def to_json(self) -> str:
         """The JSON the child process reads."""

@@ -2,7 +2,8 @@
 
 The parent never initialises CUDA; the child owns the device for exactly one cell. Children are forked from a fork
 server that imported torch, transformers and zomem once and built nothing: a cell starts in a tenth of a second
-instead of the seconds those imports take, in a process that has held no model and no CUDA context.
+instead of the seconds those imports take, in a process that has held no model and no CUDA context. A cell run as
+several ranks (:mod:`zomem.ranks`) is that many children, which end together: when one fails, the others are killed.
 """
 
 from __future__ import annotations
@@ -10,18 +11,21 @@ from __future__ import annotations
 import contextlib
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
 import sys
 import tempfile
+import time
 import types
 from collections.abc import Iterator
+from dataclasses import dataclass
 from multiprocessing import forkserver
 from pathlib import Path
 
 import zomem
-from zomem import records
+from zomem import ranks, records
 from zomem.cell import Cell
 from zomem.measure import STDERR_TAIL, child, record_for
 from zomem.probes import WARNING
@@ -36,9 +40,9 @@ from zomem.timelines import SNAPSHOT_FILE, TIMELINE_FILE
 MALLOC_MMAP_THRESHOLD = "131072"
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     # The child must import this very zomem, even when it runs from a source tree.
-    env = dict(os.environ)
+    env = {**os.environ, **(extra or {})}
     root = str(Path(zomem.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     env.setdefault("MALLOC_MMAP_THRESHOLD_", MALLOC_MMAP_THRESHOLD)
@@ -79,21 +83,61 @@ def _bare_main() -> Iterator[None]:
         sys.modules["__main__"] = main
 
 
-def _run_child(cell_path: Path, result_path: Path, stderr_path: Path, timeout: float | None) -> int | None:
-    """Run one measuring child to its end (or kill it at ``timeout``, or when this process is interrupted); its
-    exit code, negative for a signal, or None when it timed out."""
+@dataclass
+class _Process:
+    """One measuring child of a cell (one rank of it): the files it writes and, once ended, its exit code."""
+
+    result: Path
+    stderr: Path
+    env: dict[str, str] | None
+    process: multiprocessing.process.BaseProcess | None = None
+
+    @property
+    def code(self) -> int | None:
+        return self.process.exitcode if self.process else None
+
+    @property
+    def failed(self) -> bool:
+        """Ended badly: a non-zero exit, or a record of a failure (a rank writes its record only when it fails, or
+        when it is rank 0)."""
+        if self.code != 0:
+            return True
+        return self.result.exists() and json.loads(self.result.read_text()).get("status") != "ok"
+
+    def tail(self, chars: int | None = STDERR_TAIL) -> str:
+        """The end of what it said on stderr (all of it, for ``chars=None``)."""
+        text = self.stderr.read_text(errors="replace") if self.stderr.exists() else ""
+        return text if chars is None else text[-chars:]
+
+
+def _run_children(cell_path: Path, children: list[_Process], timeout: float | None) -> _Process | None:
+    """Start every child (the ranks of a cell) and wait until all end, or one fails, or ``timeout`` passes, or this
+    process is interrupted; then kill any left, so no rank outlives the cell. Returns the child that failed first
+    (None when all ended well); raises TimeoutError when time ran out."""
     server = _fork_server()
-    process = server.Process(target=child, args=(str(cell_path), str(result_path), str(stderr_path), _child_env(),
-                                                 forkserver._forkserver._forkserver_pid), name="zomem-cell")
-    with _bare_main():
-        process.start()
+    for c in children:
+        c.process = server.Process(target=child, args=(str(cell_path), str(c.result), str(c.stderr), _child_env(c.env),
+                                                       forkserver._forkserver._forkserver_pid), name="zomem-cell")
+        with _bare_main():
+            c.process.start()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    running = {c.process.sentinel: c for c in children}
     try:
-        process.join(timeout)
-        return process.exitcode
+        while running:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0)
+            ended = multiprocessing.connection.wait(list(running), left)
+            if not ended:
+                raise TimeoutError(f"timed out after {timeout} s")
+            for sentinel in ended:
+                c = running.pop(sentinel)
+                c.process.join()
+                if c.failed:
+                    return c
+        return None
     finally:
-        if process.exitcode is None:  # timed out, or this process was interrupted while it waited
-            process.kill()
-            process.join()
+        for c in running.values():  # a failed rank's peers wait in a collective that will never complete
+            c.process.kill()
+            c.process.join()
 
 
 #: warnings a measuring child said that this process has already passed on: once per run is enough
@@ -109,33 +153,62 @@ def pass_on_warnings(stderr: str) -> None:
 
 
 def run_cell(cell: Cell, out: str | Path | None = None, timeout: float | None = None,
-             side_dir: Path | None = None) -> Record:
+             side_dir: Path | None = None, env: dict[str, str] | None = None) -> Record:
     """Measure ``cell`` in a child process; append the record to ``out`` when given. The files a timeline cell's
     child writes beside its record (its timeline and, on CUDA, the allocator snapshot) are moved into ``side_dir``.
+    ``env`` adds to the child's environment (``CUDA_VISIBLE_DEVICES``, to pin it to a GPU).
 
     Out of memory gives status ``oom``; a crash, a non-zero exit or a timeout gives ``error`` with the
     tail of the child's stderr. Bad input raises UsageError before any child starts.
     """
     cell = cell.validated()
+    world = cell.ranks if cell.strategy in ranks.SPAWNED else 1
     with tempfile.TemporaryDirectory(prefix="zomem-cell-") as tmp:
-        cell_path, result_path, stderr_path = Path(tmp, "cell.json"), Path(tmp, "record.json"), Path(tmp, "stderr")
+        cell_path = Path(tmp, "cell.json")
         cell_path.write_text(cell.to_json())
-        code = _run_child(cell_path, result_path, stderr_path, timeout)
-        stderr = stderr_path.read_text(errors="replace") if stderr_path.exists() else ""
-        if code is None:
-            record = record_for(cell, status="error", error=f"timed out after {timeout} s\n{stderr[-STDERR_TAIL:]}")
+        children = [_Process(Path(tmp, "record.json"), Path(tmp, "stderr"), env)] if world == 1 else [
+            _Process(Path(tmp, f"record.{r}.json"), Path(tmp, f"stderr.{r}"),
+                     {**(env or {}), **ranks.Rank.env(r, world, f"file://{tmp}/rendezvous")}) for r in range(world)]
+        try:
+            first = _run_children(cell_path, children, timeout)
+        except TimeoutError as exc:
+            record = record_for(cell, status="error", error=f"{exc}\n{_tails(children)}")
         else:
-            pass_on_warnings(stderr)
-            if code == 0 and result_path.exists():
-                record = Record.from_dict(json.loads(result_path.read_text()))
+            for c in children:
+                pass_on_warnings(c.tail(chars=None))
+            if first is None and children[0].result.exists():
+                record = Record.from_dict(json.loads(children[0].result.read_text()))
                 for name in (TIMELINE_FILE, SNAPSHOT_FILE):
                     if side_dir is not None and Path(tmp, name).exists():
                         shutil.move(Path(tmp, name), side_dir / name)
             else:
-                record = failed(cell, code, stderr)
+                ended = first or children[0]
+                if ended.code == 0 and ended.result.exists():  # a rank's own record of its out-of-memory or error
+                    record = Record.from_dict(json.loads(ended.result.read_text()))
+                else:
+                    record = failed(cell, ended.code, ended.tail())
+                record.error = _with_peers(record.error or "", children, ended)
     if out is not None:
         records.append(out, record)
     return record
+
+
+def _tails(children: list[_Process]) -> str:
+    """The tail of each child's stderr (of each rank's, named, for a cell of several)."""
+    if len(children) == 1:
+        return children[0].tail()
+    each = STDERR_TAIL // len(children)
+    return "\n".join(f"--- rank {r} ---\n{c.tail(each)}" for r, c in enumerate(children))
+
+
+def _with_peers(text: str, children: list[_Process], ended: _Process) -> str:
+    """``text`` (the failure of the rank that ended the cell), which rank it was and the other ranks' stderr
+    tails."""
+    if len(children) == 1:
+        return text
+    rank = children.index(ended)
+    peers = [f"--- rank {r} ---\n{c.tail(STDERR_TAIL // len(children))}" for r, c in enumerate(children) if c is not ended]
+    return "\n".join([f"rank {rank} of {len(children)}: {text}", *peers])
 
 
 def failed(cell: Cell, returncode: int, stderr: str) -> Record:

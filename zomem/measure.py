@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from zomem import memtrack, models, optim, probes, workloads
+from zomem import memtrack, models, optim, probes, ranks, shards, workloads
 from zomem.closure import Phases, Precision, autocast_cache_bytes, make_closure, precision_for
 from zomem.environment import environment, json_safe
 from zomem.cell import Cell, check_bfloat16
@@ -37,6 +37,7 @@ def record_for(cell: Cell, **fields: Any) -> Record:
     return Record(
         model=cell.model, optimizer=cell.optimizer, workload=cell.workload, tuning=cell.tuning,
         dtype=cell.dtype, precision=cell.precision, checkpointing=cell.checkpointing, device=cell.device,
+        ranks=cell.ranks, strategy=cell.strategy,
         batch_size=workload.batch_size, seq_len=workload.seq_len,
         candidates=workload.candidates, steps=cell.steps, warmup=cell.warmup, warmup_batch=cell.warmup_batch,
         time=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"), **fields,
@@ -86,6 +87,8 @@ class Prepared:
     autocast_cache: int = 0
     #: the optimizer's step count when the measured steps began (0: the first step)
     timed_from_step: int | None = None
+    #: this process's rank, for a cell run as several processes
+    rank: ranks.Rank | None = None
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None) -> torch.Tensor:
         """One optimizer step driven by ``closure`` (default: the measured one). With a gradient scaler the
@@ -122,7 +125,7 @@ class Prepared:
         floor = self.baseline[probe] if self.device.type == "cpu" else 0
         weights = models.param_bytes(self.model)
         state = optim.state_bytes(self.optimizer)
-        gradients = sum(p.grad.nbytes for p in self.model.parameters() if p.grad is not None)
+        gradients = sum(shards.local(p.grad).nbytes for p in self.model.parameters() if p.grad is not None)
         if optim.fused_backward(type(self.optimizer)):
             gradients = self.optimizer.largest_gradient
         return probe, {
@@ -138,8 +141,15 @@ class Prepared:
         }
 
     def record(self, peaks: dict[str, int], step_seconds: list[float], steps: int) -> Record:
-        """The record of ``steps`` measured steps with these peaks and times."""
+        """The record of ``steps`` measured steps with these peaks and times; of a cell run as several ranks (every
+        rank calls this), the most any rank reached, each rank's peaks, and the breakdown of the rank that peaked."""
         breakdown_probe, breakdown = self.breakdown(peaks)
+        per_rank: list[dict[str, int]] = []
+        if self.rank is not None:
+            per_rank, breakdowns = zip(*ranks.gathered((peaks, breakdown)), strict=True)
+            worst = max(range(len(per_rank)), key=lambda r: per_rank[r][breakdown_probe])
+            peaks = {name: max(p[name] for p in per_rank) for name in peaks}
+            breakdown = breakdowns[worst]
         state_dtype = optim.state_dtype(self.optimizer)
         hparams = {k: json_safe(v) for k, v in self.optimizer.defaults.items()}
         if isinstance(self.optimizer, optim.ZerothOrder):
@@ -149,6 +159,7 @@ class Prepared:
             params=models.param_count(self.model),
             trainable_params=models.param_count(self.model, trainable_only=True),
             peak_bytes=peaks,
+            rank_peak_bytes=list(per_rank),
             baseline_bytes=self.baseline,
             breakdown=breakdown,
             breakdown_probe=breakdown_probe,
@@ -200,13 +211,17 @@ def cap_allocator(card_bytes: int, memory: dict[str, int], device: torch.device)
 
 
 def prepare(cell: Cell) -> Prepared:
-    """Take the baseline readings, then build the model, batch, optimizer and closure of ``cell`` here."""
-    device = torch_device(cell.device)
+    """Take the baseline readings, then build the model, batch, optimizer and closure of ``cell`` here (a rank's
+    share of them, for a cell run as several ranks)."""
+    rank = ranks.Rank.from_env() if cell.strategy in ranks.SPAWNED else None
+    device = ranks.device(cell.device, rank) if rank else torch_device(cell.device)
     workload = workloads.get(cell.workload)
     # The packages the optimizer and the tuning mode need are loaded first: their libraries belong to the process
-    # floor, as torch's do.
+    # floor, as torch's do; so does the process group.
     optim.load_package(cell.optimizer, cell.hparams)
     models.load_tuning(cell.tuning)
+    if rank:
+        ranks.join(device, rank)
     # Baselines come before the first CUDA call: nvml's device-minus-baseline figure must count this process's
     # CUDA context, as the per-process figure does.
     active = probes.probes_for(device)
@@ -225,10 +240,15 @@ def prepare(cell: Cell) -> Prepared:
     env = environment(device)
 
     torch.manual_seed(0)
-    model = models.apply_tuning(models.build(cell.model, device, models.dtype(cell.param_dtype)), cell.tuning)
+    if cell.strategy == "fsdp":
+        model = ranks.sharded(models.spec(cell.model), device, models.dtype(cell.param_dtype), rank)
+    else:
+        model = models.apply_tuning(models.build(cell.model, device, models.dtype(cell.param_dtype)), cell.tuning)
     if cell.checkpointing:
         models.enable_checkpointing(model)
     batch = workloads.make_batch(workload, model.config.vocab_size, device)
+    if rank:
+        workload, batch = ranks.split(workload, batch, rank)
     optimizer = optim.create(cell.optimizer, optim.decay_groups(model.named_parameters()), config=model.config,
                              **cell.hparams)
     phases = Phases()
@@ -237,8 +257,18 @@ def prepare(cell: Cell) -> Prepared:
         optimizer.reach_steady_state()
     precision = precision_for(cell, optimizer, device)
     closure, calls = make_closure(model, optimizer, workload, batch, phases, precision)
-    return Prepared(cell, device, model, optimizer, closure, calls, phases, active, baseline, env, precision,
-                    cuda_memory=memory, autocast_cache=autocast_cache_bytes(model, workload, precision, device))
+    return Prepared(cell, device, model, optimizer, averaged(closure, model, optimizer, rank), calls, phases, active,
+                    baseline, env, precision, cuda_memory=memory,
+                    autocast_cache=autocast_cache_bytes(model, workload, precision, device), rank=rank)
+
+
+def averaged(closure: Callable[[], torch.Tensor], model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+             rank: ranks.Rank | None) -> Callable[[], torch.Tensor]:
+    """The closure a rank's zeroth-order method drives: its loss averaged over the ranks (backprop's ranks agree
+    through their gradients, which FSDP averages)."""
+    if rank is None or not optim.forward_only(type(optimizer)):
+        return closure
+    return ranks.averaged(closure, rank.world, model)
 
 
 def warmup_closure(prepared: Prepared) -> Callable[[], torch.Tensor]:
@@ -250,7 +280,7 @@ def warmup_closure(prepared: Prepared) -> Callable[[], torch.Tensor]:
     small = dataclasses.replace(workload, batch_size=cell.warmup_batch)
     batch = workloads.make_batch(small, prepared.model.config.vocab_size, prepared.device)
     closure, _ = make_closure(prepared.model, prepared.optimizer, small, batch, prepared.phases, prepared.precision)
-    return closure
+    return averaged(closure, prepared.model, prepared.optimizer, prepared.rank)
 
 
 def measure(cell: Cell, timeline: Path | None = None) -> Record:
@@ -315,8 +345,9 @@ def die_with_parent(parent: int) -> None:
 
 def main(cell_path: str, result_path: str) -> int:
     """Read the cell, measure it, write the record (an ``oom`` record on out of memory) and, for a timeline cell,
-    its timeline beside it."""
+    its timeline beside it. Of a cell's several ranks, rank 0 writes the record, and any rank its failure."""
     cell = Cell.from_json(Path(cell_path).read_text())
+    rank = int(os.environ["RANK"]) if cell.strategy in ranks.SPAWNED else 0
     try:
         record = measure(cell, Path(result_path).with_name(TIMELINE_FILE))
     except optim.PackageUnavailable as exc:  # the method is registered, and its cells say why they cannot run here
@@ -325,7 +356,9 @@ def main(cell_path: str, result_path: str) -> int:
         if not is_oom(exc):
             raise
         record = record_for(cell, status="oom", error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
-    Path(result_path).write_text(record.to_json())
+    if rank == 0 or record.status != "ok":
+        Path(result_path).write_text(record.to_json())
+    ranks.leave()
     return 0
 
 

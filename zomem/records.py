@@ -35,8 +35,10 @@ class Record:
     error: str | None = None
     params: int | None = None
     trainable_params: int | None = None
-    #: probe name -> peak bytes over the measured steps
+    #: probe name -> peak bytes over the measured steps (of a multi-rank cell: the most any rank reached)
     peak_bytes: dict[str, int] = field(default_factory=dict)
+    #: multi-rank cells: each rank's peak bytes per probe, rank 0 first
+    rank_peak_bytes: list[dict[str, int]] = field(default_factory=list)
     #: probe name -> bytes read before the model was built (the process floor)
     baseline_bytes: dict[str, int] = field(default_factory=dict)
     #: weights, trainable, optimizer_state, gradients, autocast_cache, transient -> bytes; and logits, the share
@@ -68,6 +70,10 @@ class Record:
     precision: str = "pure"
     #: whether each decoder layer's activations were recomputed in backward instead of kept (gradient checkpointing)
     checkpointing: bool = False
+    #: processes the cell ran as, one per device, and how they shared the model (``fsdp``, ``replicate``,
+    #: ``pipeline``; None: one process holding everything)
+    ranks: int = 1
+    strategy: str | None = None
     state_dtype: str | None = None
     hparams: dict[str, Any] = field(default_factory=dict)
     env: dict[str, Any] = field(default_factory=dict)
@@ -81,14 +87,15 @@ class Record:
 
     @property
     def method(self) -> str:
-        """The optimizer as tables name it: ``adam + checkpointing`` for a checkpointed cell."""
-        return method_label(self.optimizer, self.checkpointing)
+        """The optimizer as tables name it: ``adam + checkpointing`` for a checkpointed cell, ``mezo [fsdp x2]`` for
+        one run as two FSDP ranks."""
+        return method_label(self.optimizer, self.checkpointing, self.ranks, self.strategy)
 
     @property
     def key(self) -> tuple[str, str, str, str, str, str]:
         """What identifies a cell: two records with the same key measured the same thing (a mixed-precision cell's
-        dtype reads ``mixed-bfloat16`` and a checkpointed cell's optimizer ``adam + checkpointing``, so other cells
-        keep the names they had before precision and checkpointing were recorded)."""
+        dtype reads ``mixed-bfloat16``, a checkpointed cell's optimizer ``adam + checkpointing`` and a multi-rank
+        one's ``mezo [fsdp x2]``, so other cells keep the names they had before those were recorded)."""
         dtype = self.dtype if self.precision == "pure" else f"mixed-{self.dtype}"
         return (self.model, self.method, self.workload, self.tuning, dtype, self.device)
 
@@ -112,9 +119,11 @@ def check_fields(cls: type, data: dict[str, Any], kind: str, schema: int) -> Non
         raise ValueError(f"{kind} schema {data.get('schema')} is not {schema}")
 
 
-def method_label(optimizer: str, checkpointing: bool) -> str:
-    """``optimizer``, or ``optimizer + checkpointing`` when the cell recomputes activations in backward."""
-    return f"{optimizer} + checkpointing" if checkpointing else optimizer
+def method_label(optimizer: str, checkpointing: bool, ranks: int = 1, strategy: str | None = None) -> str:
+    """``optimizer``, with `` + checkpointing`` when the cell recomputes activations in backward and `` [fsdp x2]``
+    when it ran as several ranks (or under a strategy)."""
+    label = f"{optimizer} + checkpointing" if checkpointing else optimizer
+    return f"{label} [{strategy} x{ranks}]" if strategy is not None else label
 
 
 def append(path: str | Path, record: Record) -> None:

@@ -176,14 +176,16 @@ def make_batch(workload: Workload, vocab_size: int, device: torch.device | str =
 
 
 def loss(model: nn.Module, workload: Workload, batch: Batch) -> torch.Tensor:
-    """One forward pass and the workload's loss, computed in float32 whatever the model dtype."""
+    """One forward pass and the workload's loss, computed in float32 at least whatever the model dtype (in float64 for
+    a float64 model, as the reference checks run)."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    wide = torch.promote_types(logits.dtype, torch.float32)
     if workload.loss == "classification":
         # MeZO-style prompting: the next-token scores of the label words at the last position
-        scores = logits[:, -1, batch.label_words].float()
+        scores = logits[:, -1, batch.label_words].to(wide)
         return F.cross_entropy(scores, batch.labels)
     # Position i predicts token i+1; the targets are each sequence's last `targets` tokens.
-    predicted = logits[:, -workload.targets - 1 : -1].float()
+    predicted = logits[:, -workload.targets - 1 : -1].to(wide)
     targets = batch.input_ids[:, -workload.targets :]
     token_logprobs = -F.cross_entropy(predicted.transpose(1, 2), targets, reduction="none")
     if workload.loss == "generation":

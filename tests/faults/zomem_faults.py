@@ -34,3 +34,22 @@ class Sleeps(MeZO):
     def step(self, closure):
         Path(os.environ["ZOMEM_FAULT_MARK"]).touch()
         time.sleep(600)
+
+
+class RankOutOfMemory(MeZO):
+    """Runs out of memory on rank 1 only: its peers wait in the loss all-reduce for a rank that will not come."""
+
+    def step(self, closure):
+        if os.environ.get("RANK") == "1":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return super().step(closure)
+
+
+class RankKilled(MeZO):
+    """Rank 1 is killed (as the kernel's out-of-memory killer kills) at its first step."""
+
+    def step(self, closure):
+        if os.environ.get("RANK") == "1":
+            print("rank 1 about to be killed", file=sys.stderr)
+            os.kill(os.getpid(), signal.SIGKILL)
+        return super().step(closure)

@@ -8,6 +8,7 @@ from typing import Any
 
 from zomem.cell import PRECISIONS
 from zomem.models import DTYPES, TUNINGS
+from zomem.ranks import STRATEGIES
 
 
 def parse_hparam(text: str) -> tuple[str, Any]:
@@ -22,8 +23,8 @@ def parse_hparam(text: str) -> tuple[str, Any]:
 
 
 def add_cell_options(parser: argparse.ArgumentParser, *, steps: int | None = 3, steps_help: str | None = None) -> None:
-    """Options that shape how each cell runs: device, dtype, precision, tuning, checkpointing, steps,
-    hyper-parameters.
+    """Options that shape how each cell runs: device, dtype, precision, tuning, checkpointing, ranks and strategy,
+    steps, hyper-parameters.
 
     ``steps=None`` leaves the step count to the command (say how in ``steps_help``)."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
@@ -35,6 +36,11 @@ def add_cell_options(parser: argparse.ArgumentParser, *, steps: int | None = 3, 
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing (first-order methods): each decoder layer recomputes its "
                         "activations in backward instead of keeping them")
+    parser.add_argument("--ranks", type=int, default=1, metavar="N",
+                        help="run each cell as N processes, one per device (default: 1)")
+    parser.add_argument("--strategy", default=None, choices=list(STRATEGIES),
+                        help="how the ranks share the model: fsdp (shards; the default with --ranks > 1), replicate "
+                        "(a whole model each, zeroth-order methods), pipeline (layers over N GPUs in one process)")
     parser.add_argument("--steps", type=int, default=steps, help=steps_help or f"measured steps (default: {steps})")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up steps before peaks are reset (default: 1)")
     parser.add_argument("--hparam", type=parse_hparam, action="append", default=[], metavar="KEY=VALUE",

@@ -41,7 +41,7 @@ def main(args: argparse.Namespace) -> int:
     """Measure the cell, print its summary, append its record; exit 1 when the cell did not run ok."""
     cell = Cell(model=args.model, optimizer=args.optimizer, workload=args.workload, tuning=args.tuning,
                 dtype=args.dtype, precision=args.precision, device=args.device, steps=args.steps, warmup=args.warmup,
-                hparams=dict(args.hparam), checkpointing=args.checkpointing)
+                hparams=dict(args.hparam), checkpointing=args.checkpointing, ranks=args.ranks, strategy=args.strategy)
     record = run_cell(cell, out=args.out, timeout=args.timeout)
     print(f"{summary(record)} -> {args.out}")
     return 0 if record.status == "ok" else 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from zomem import shards
 from zomem.errors import UsageError
 from zomem.models import llama, local, opt, qwen
 from zomem.models.build import INIT_SEED, fill, materialise
@@ -83,6 +84,7 @@ def param_count(module: nn.Module, trainable_only: bool = False) -> int:
 
 
 def param_bytes(module: nn.Module, trainable_only: bool = False) -> int:
-    """Bytes of the parameters (and buffers, for all of them), counted once each."""
-    params = sum(p.nbytes for p in module.parameters() if p.requires_grad or not trainable_only)
+    """Bytes of the parameters (and buffers, for all of them), counted once each; of a sharded one, this rank's
+    shard."""
+    params = sum(shards.local(p).nbytes for p in module.parameters() if p.requires_grad or not trainable_only)
     return params if trainable_only else params + sum(b.nbytes for b in module.buffers())

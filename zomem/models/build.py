@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from zomem.models.spec import ModelSpec
+from zomem.shards import local, offset
 
 INIT_SEED = 0
 
@@ -57,15 +58,20 @@ def materialise(module: nn.Module, device: torch.device) -> None:
 @torch.no_grad()
 def fill(module: nn.Module, seed: int) -> None:
     """Seeded random weights, the way the architectures initialise: matrices (projections, embeddings) from
-    N(0, σ²) with the config's σ, norm weights 1, biases 0."""
+    N(0, σ²) with the config's σ, norm weights 1, biases 0. A sharded matrix is drawn whole, one at a time, and
+    this rank keeps its shard: the weights are those of the same model unsharded."""
     config = module.config
     std = getattr(config, "initializer_range", None) or getattr(config, "init_std", None) or 0.02
-    device = next(module.parameters()).device
+    device = local(next(module.parameters())).device
     generator = torch.Generator(device=device).manual_seed(seed)
     for name, param in module.named_parameters():  # tied parameters appear once
+        mine = local(param)
         if param.ndim >= 2:
-            param.normal_(0.0, std, generator=generator)
+            whole = mine if mine is param else torch.empty(param.shape, dtype=param.dtype, device=device)
+            whole.normal_(0.0, std, generator=generator)
+            if whole is not mine:
+                mine.copy_(whole.view(-1)[offset(param):][: mine.numel()].view_as(mine))
         elif name.endswith("bias"):
-            param.zero_()
+            mine.zero_()
         else:
-            param.fill_(1.0)
+            mine.fill_(1.0)

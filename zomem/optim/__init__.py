@@ -49,7 +49,7 @@ __all__ = ["BUILTIN", "FZOO", "LOMO", "LOZO", "OPTIMIZERS", "SGD", "AdaLomo", "A
            "AdamMini", "AdamW8bit", "ForwardGrad", "GaLore", "HiZOO", "Inference", "LOZOMomentum", "LeZO", "MeZO",
            "MeZOSVRG", "PackageUnavailable", "SparseMeZO", "SubZero", "ZOAdaMU", "ZOAdam", "ZOSGDConservative",
            "ZOSGDMomentum", "ZOSGDSign", "ZerothOrder", "anneal", "check", "create", "decay_groups", "forward_only",
-           "fused_backward", "get", "load_package", "mix", "state_bytes", "state_dtype"]
+           "fused_backward", "get", "load_package", "mix", "shardable", "state_bytes", "state_dtype"]
 
 OPTIMIZERS: Registry[type[Optimizer]] = Registry("optimizer", entry_point_group="zomem.optimizers")
 #: SPEC §4's table, in its order
@@ -75,6 +75,11 @@ def get(name: str) -> type[Optimizer]:
 def forward_only(cls: type[Optimizer]) -> bool:
     """Whether the optimizer needs only forward passes (its closure runs under no_grad)."""
     return bool(getattr(cls, "forward_only", False))
+
+
+def shardable(cls: type[Optimizer]) -> bool:
+    """Whether the optimizer runs on FSDP-sharded parameters (DTensors), each rank updating its shards."""
+    return bool(getattr(cls, "shardable", False))
 
 
 def fused_backward(cls: type[Optimizer]) -> bool:

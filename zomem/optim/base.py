@@ -4,6 +4,10 @@ A perturbation z ~ N(0, I) is never stored. Parameter ``j`` at step seed ``s`` i
 ``block_size`` elements, and block ``k`` of its z is drawn from a generator seeded with
 ``mix(s, j, k)``: any block of any tensor can be regenerated alone, on its own device, in any order.
 With ``block_size=None`` a block is the whole tensor (the generator is seeded from ``(s, j)``).
+
+A parameter sharded over ranks (FSDP2's DTensor, split along its first dimension) is walked over the blocks of the
+whole flattened tensor that its shard covers, each drawn whole and cut to the shard: every element gets the z it gets
+unsharded, so N ranks take the step one rank would.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch.optim import Optimizer
 from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+from zomem.shards import local, offset
 
 #: the dtypes a ``state_dtype`` option accepts (None: the parameter's own dtype)
 STATE_DTYPES = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
@@ -66,7 +72,7 @@ class Block:
     param: torch.Tensor
     index: int  # tensor index j
     block: int  # block index k within the tensor
-    span: slice  # which elements of the flattened parameter
+    span: slice  # which elements of the flattened parameter (of this rank's shard, for a sharded one)
     x: torch.Tensor  # the parameter's elements (a view: updating it updates the parameter)
     z: torch.Tensor  # a reused buffer: valid until the walk moves on
 
@@ -132,6 +138,9 @@ class ZerothOrder(Optimizer):
     #: pass: the estimator's count of what a walk adds beyond the persistent state
     forward_buffers: ClassVar[int] = 1
     update_buffers: ClassVar[int] = 1
+    #: whether the method runs on FSDP-sharded parameters, each rank walking its shards: its perturbation and state
+    #: are element by element (a low-rank or masked one, built from a whole tensor, is not)
+    shardable: ClassVar[bool] = True
 
     def __init__(self, params: Any, defaults: dict[str, Any], *, seed: int = 0,
                  block_size: int | str | None = "auto") -> None:
@@ -212,12 +221,17 @@ class ZerothOrder(Optimizer):
         block's z of step ``step_seed`` in a buffer (in the compute dtype: the same z, up to the rounding of storage,
         whatever the parameters' dtype)."""
         for j, group, param in self.params() if params is None else params:
-            flat = param.detach().view(-1)
+            flat, start = local(param).detach().view(-1), offset(param)
             spans = self.spans(param, group)
             buffer = self._buffer(param.device, self.working_dtype(param, group), spans[0].stop)
             for k, span in enumerate(spans):
-                b = Block(group, param, j, k, span, flat[span], buffer[: span.stop - span.start])
+                first, stop = max(span.start, start), min(span.stop, start + flat.numel())
+                if first >= stop:  # a block of another rank's shard
+                    continue
+                mine = slice(first - start, stop - start)
+                b = Block(group, param, j, k, mine, flat[mine], buffer[: span.stop - span.start])
                 self.sample(b, step_seed)
+                b.z = b.z[first - span.start: stop - span.start]
                 yield b
             # let go of the buffer: a larger one made for the next tensor must not sit beside this one
             b = buffer = None
@@ -241,7 +255,7 @@ class ZerothOrder(Optimizer):
 
     def state_block(self, b: Block, key: str, fill: float = 0.0) -> torch.Tensor:
         """Block ``b``'s slice of the parameter's state tensor ``key``, created on first use in the state dtype."""
-        return self.state_tensor(b.param, b.group, key, b.param.shape, fill).view(-1)[b.span]
+        return self.state_tensor(b.param, b.group, key, local(b.param).shape, fill).view(-1)[b.span]
 
     def state_tensor(self, param: torch.Tensor, group: dict[str, Any], key: str, shape: tuple[int, ...] | torch.Size,
                      fill: float = 0.0) -> torch.Tensor:

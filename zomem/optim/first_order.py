@@ -16,6 +16,7 @@ class Inference(Optimizer):
 
     forward_only: ClassVar[bool] = True
     state_copies: ClassVar[float] = 0.0
+    shardable: ClassVar[bool] = True
 
     def __init__(self, params: Any) -> None:
         super().__init__(params, {})
@@ -35,6 +36,7 @@ class SGD(torch.optim.SGD):
 
     forward_only: ClassVar[bool] = False
     state_copies: ClassVar[float] = 0.0  # 1 with momentum
+    shardable: ClassVar[bool] = True
 
     def __init__(self, params: Any, lr: float = 1e-5, momentum: float = 0.0, weight_decay: float = 0.0) -> None:
         super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, foreach=False)
@@ -91,6 +93,8 @@ class Adam(torch.optim.AdamW):
 
     forward_only: ClassVar[bool] = False
     state_copies: ClassVar[float] = 2.0
+    #: torch's AdamW updates FSDP2's sharded parameters (and keeps sharded moments)
+    shardable: ClassVar[bool] = True
 
     def __init__(self, params: Any, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, implementation: str = "fused") -> None:

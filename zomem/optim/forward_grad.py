@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -19,6 +19,9 @@ class ForwardGrad(ZerothOrder):
     The tangents are attached to the parameters themselves, so any closure works unchanged: no access to the
     module is needed. They are all alive during the forward (1P transient); nothing is kept between steps.
     """
+
+    #: its tangents ride on the parameters through the forward, which FSDP gathers into new tensors
+    shardable: ClassVar[bool] = False
 
     def __init__(self, params: Any, lr: float = 1e-6, *, seed: int = 0,
                  block_size: int | str | None = "auto") -> None:

@@ -5,7 +5,7 @@ are ever drawn. Other tensors (biases, LayerNorms) are perturbed as MeZO perturb
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -36,6 +36,8 @@ class LowRank(ZerothOrder):
 
     #: the factors of the block the walk is on (its rows of L, and R), for an update that needs them apart
     factors: tuple[torch.Tensor, torch.Tensor]
+    #: L·Rᵀ is built from the whole matrix's factors, not element by element
+    shardable: ClassVar[bool] = False
 
     @staticmethod
     def spans(param: torch.Tensor, group: dict[str, Any]) -> list[slice]:

@@ -35,6 +35,8 @@ class SparseMeZO(ZerothOrder):
     #: the weights in 32 bits, are not counted: they are not a block's worth)
     forward_buffers: ClassVar[int] = 3
     update_buffers: ClassVar[int] = 3
+    #: each tensor's threshold is a quantile of the whole tensor's magnitudes
+    shardable: ClassVar[bool] = False
 
     def __init__(self, params: Any, lr: float = 1e-6, eps: float = 1e-3, sparsity: float = 0.75, *, seed: int = 0,
                  block_size: int | str | None = "auto") -> None:

@@ -1,0 +1,119 @@
+"""Cells run as several ranks: FSDP shards and replicas on gloo (CPU), the step they take, and how they fail."""
+
+import dataclasses
+import os
+from multiprocessing import forkserver
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from zomem import models, optim, ranks, shards, workloads
+from zomem.cell import Cell
+from zomem.closure import Phases, make_closure
+from zomem.errors import UsageError
+from zomem.harness import run_cell
+
+#: small enough that a walk cuts every matrix of opt-tiny into blocks, and blocks across the two shards
+BLOCK = 1000
+SEED = 7
+
+
+def mezo_step(model: torch.nn.Module, workload: workloads.Workload, batch: workloads.Batch,
+              world: int = 1) -> None:
+    optimizer = optim.create("mezo", optim.decay_groups(model.named_parameters()), lr=1e-2, eps=1e-3, seed=SEED,
+                             block_size=BLOCK)
+    closure, _ = make_closure(model, optimizer, workload, batch, Phases())
+    optimizer.step(ranks.averaged(closure, world, model) if world > 1 else closure)
+
+
+def fsdp_rank(index: int, world: int, folder: str) -> None:
+    """One rank of a 2-rank FSDP MeZO step on opt-tiny in float64; rank 0 saves the whole parameters after it."""
+    rank = ranks.Rank(index, world, index)
+    os.environ[ranks.RENDEZVOUS] = f"file://{folder}/rendezvous"
+    ranks.join(torch.device("cpu"), rank)
+    model = ranks.sharded(models.spec("opt-tiny"), torch.device("cpu"), torch.float64, rank)
+    workload = workloads.get("sst2")
+    mine, batch = ranks.split(workload, workloads.make_batch(workload, model.config.vocab_size), rank)
+    mezo_step(model, mine, batch, world)
+    whole = {name: p.full_tensor() for name, p in model.named_parameters()}
+    if index == 0:
+        torch.save(whole, Path(folder, "params.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_fsdp_ranks_take_the_mezo_step_one_rank_takes_on_the_same_global_batch(tmp_path: Path) -> None:
+    mp.spawn(fsdp_rank, args=(2, str(tmp_path)), nprocs=2)
+    sharded = torch.load(tmp_path / "params.pt")
+
+    model = models.build(models.spec("opt-tiny"), "cpu", torch.float64)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    workload = workloads.get("sst2")
+    mezo_step(model, workload, workloads.make_batch(workload, model.config.vocab_size))
+    assert sharded.keys() == dict(model.named_parameters()).keys()
+    for name, p in model.named_parameters():
+        assert not torch.equal(p, before[name]) or p.ndim == 1, name  # the step moved every matrix
+        torch.testing.assert_close(sharded[name], p.detach(), rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_a_shard_walks_the_blocks_of_the_whole_tensor_it_covers() -> None:
+    # rows split as torch.chunk splits them: 5 rows over 2 ranks are 3 + 2
+    class Mesh:
+        def __init__(self, rank: int) -> None:
+            self.rank = rank
+
+        def size(self) -> int:
+            return 2
+
+        def get_local_rank(self) -> int:
+            return self.rank
+
+    for rank, first_row in ((0, 0), (1, 3)):
+        fake = dataclasses.make_dataclass("Fake", ["shape", "placements", "device_mesh"])
+        tensor = fake(torch.Size([5, 4]), (torch.distributed.tensor.Shard(0),), Mesh(rank))
+        tensor.numel = lambda: 20
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(shards, "DTensor", fake)
+            assert shards.offset(tensor) == first_row * 4
+
+
+@pytest.mark.parametrize("cell, message", [
+    (Cell("opt-tiny", "adam", "sst2", device="cpu", ranks=2, strategy="replicate"), "zeroth-order methods only"),
+    (Cell("opt-tiny", "lozo", "sst2", device="cpu", ranks=2), "cannot run on FSDP shards"),
+    (Cell("opt-tiny", "mezo", "sst2", device="cpu", ranks=3), "do not divide by 3"),
+    (Cell("opt-tiny", "mezo", "sst2", device="cpu", ranks=2, strategy="pipeline"), "CUDA only"),
+    (Cell("opt-tiny", "mezo", "sst2", device="cpu", ranks=2, tuning="lora"), "full fine-tuning"),
+    (Cell("opt-tiny", "mezo", "sst2", device="cpu", ranks=0), "ranks >= 1"),
+])
+def test_a_strategy_a_cell_cannot_run_is_refused_before_any_rank_starts(cell: Cell, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        run_cell(cell)
+
+
+def no_rank_left() -> bool:
+    server = psutil.Process(forkserver._forkserver._forkserver_pid)
+    return not [p for p in server.children() if p.status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.mark.parametrize("optimizer, status, said", [
+    ("zomem_faults:RankOutOfMemory", "oom", "rank 1 of 2: OutOfMemoryError"),
+    ("zomem_faults:RankKilled", "oom", "rank 1 of 2: child killed by SIGKILL"),
+])
+def test_a_rank_that_fails_ends_the_cell_with_one_record_and_no_rank_left(
+        tmp_path: Path, faults: None, optimizer: str, status: str, said: str) -> None:
+    out = tmp_path / "records.jsonl"
+    record = run_cell(Cell("opt-tiny", optimizer, "sst2", device="cpu", ranks=2, strategy="replicate"), out=out)
+    assert record.status == status and record.error.startswith(said), record.error
+    assert "--- rank 0 ---" in record.error  # the peer's stderr tail comes along
+    assert len(out.read_text().splitlines()) == 1
+    assert no_rank_left()
+
+
+def test_a_timeout_kills_every_rank(faults: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ZOMEM_FAULT_MARK", str(tmp_path / "mark"))
+    record = run_cell(Cell("opt-tiny", "zomem_faults:Sleeps", "sst2", device="cpu", ranks=2), timeout=5)
+    assert record.status == "error" and "timed out" in record.error and "--- rank 1 ---" in record.error
+    assert no_rank_left()

@@ -1,0 +1,162 @@
+"""The rank side of a cell run as several processes: the process group, how the ranks share the model, each rank's
+slice of the batch, and the one thing a zeroth-order method must agree on across ranks, its losses.
+
+Strategies (:data:`STRATEGIES`):
+
+- ``fsdp``: FSDP2 (``fully_shard``) per decoder layer and at the root. Each rank keeps a shard of every weight (and of
+  a first-order method's gradients and state); a zeroth-order method perturbs and updates its shards in place.
+- ``replicate``: every rank holds the whole model (zeroth-order methods only: they exchange no gradients).
+- ``pipeline``: the layers placed over the GPUs by accelerate, in one process (CUDA only).
+
+With ``fsdp`` and ``replicate`` the ranks split the batch; a zeroth-order method's forward returns the loss averaged
+over the ranks (one scalar all-reduce), so every rank takes the step one rank would take on the whole batch. The
+harness starts the ranks (gloo on CPU, NCCL on CUDA, one GPU each) and gives each the environment read here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, fully_shard
+
+from zomem import models, optim, workloads
+from zomem.errors import UsageError
+
+STRATEGIES = ("fsdp", "replicate", "pipeline")
+#: the strategies whose ranks are processes (pipeline's are GPUs of one process)
+SPAWNED = ("fsdp", "replicate")
+#: where the ranks of a cell meet (a ``file://`` URL the harness makes in the cell's folder)
+RENDEZVOUS = "ZOMEM_RENDEZVOUS"
+#: how long a rank waits for the others in a collective before it gives up (the harness's timeout usually ends it first)
+COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
+
+
+def check(strategy: str | None, ranks: int, optimizer: str, device: str, tuning: str, batch_size: int) -> None:
+    """Refuse a strategy this cell cannot run, before anything is built (None: one process, one device)."""
+    if ranks < 1:
+        raise UsageError(f"need ranks >= 1 (got {ranks})")
+    if strategy is None:
+        return
+    if strategy not in STRATEGIES:
+        raise UsageError(f"unknown strategy {strategy!r}. Valid: {', '.join(STRATEGIES)}")
+    cls = optim.get(optimizer)
+    if strategy == "pipeline":
+        if not device.startswith("cuda"):
+            raise UsageError("the pipeline strategy places layers over several GPUs of one process (CUDA only); "
+                             f"on CPU, predict it: zomem estimate --device cuda --gpus {ranks}")
+        return
+    if tuning != "full":
+        raise UsageError(f"--strategy {strategy} runs full fine-tuning; --tuning {tuning} runs on one device")
+    if strategy == "replicate" and not optim.forward_only(cls):
+        raise UsageError(f"replicate keeps a whole model per rank with no gradient exchange: zeroth-order methods "
+                         f"only; {optimizer} needs backprop (use --strategy fsdp)")
+    if strategy == "fsdp" and not optim.shardable(cls):
+        raise UsageError(f"{optimizer} cannot run on FSDP shards (it builds its update from whole tensors, or wraps "
+                         "an optimizer that does): use --strategy replicate for a zeroth-order method, or one rank")
+    if batch_size % ranks:
+        raise UsageError(f"{ranks} ranks split the batch: its {batch_size} examples do not divide by {ranks}")
+
+
+@dataclass(frozen=True)
+class Rank:
+    """This process's place among a cell's ranks, as torch's launchers name it."""
+
+    rank: int
+    world: int
+    local: int
+
+    @classmethod
+    def from_env(cls) -> Rank:
+        """The rank the harness started this process as."""
+        return cls(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"]))
+
+    @staticmethod
+    def env(rank: int, world: int, rendezvous: str) -> dict[str, str]:
+        """The environment a rank is started with."""
+        return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), RENDEZVOUS: rendezvous}
+
+
+def device(name: str, rank: Rank) -> torch.device:
+    """The device a rank runs on: its own GPU (by local rank) on CUDA; on CPU the shared CPU."""
+    return torch.device("cuda", rank.local) if name.startswith("cuda") else torch.device("cpu")
+
+
+def join(device: torch.device, rank: Rank) -> None:
+    """Join the cell's process group: NCCL between GPUs, gloo on CPU."""
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=os.environ[RENDEZVOUS],
+                            rank=rank.rank, world_size=rank.world, timeout=COLLECTIVE_TIMEOUT)
+
+
+def leave() -> None:
+    """Leave the process group, if this process joined one."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder layers: the modules transformers says must not be split across devices."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if not layers:
+        raise UsageError(f"{type(model).__name__} names no decoder layer class (_no_split_modules) to shard by")
+    return layers
+
+
+def sharded(spec: models.ModelSpec, device: torch.device, dtype: torch.dtype, rank: Rank) -> nn.Module:
+    """The model with FSDP2 over every decoder layer and at the root, built on the meta device and given storage
+    for this rank's shards only; its weights are those :func:`zomem.models.build` gives the whole model."""
+    model = models.build_meta(spec, dtype)
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}  # computed on CPU by build_meta
+    mesh = init_device_mesh(device.type, (rank.world,))
+    for layer in decoder_layers(model):
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, buffer in model.named_buffers():
+            buffer.copy_(buffers[name])
+    models.fill(model, models.INIT_SEED)
+    return model.eval()
+
+
+def split(workload: workloads.Workload, batch: workloads.Batch,
+          rank: Rank) -> tuple[workloads.Workload, workloads.Batch]:
+    """This rank's share of the batch: its consecutive ``batch_size / world`` examples (each with its candidates)."""
+    each = workload.batch_size // rank.world
+    mine = dataclasses.replace(workload, batch_size=each)
+    sequences = slice(rank.rank * each * workload.candidates, (rank.rank + 1) * each * workload.candidates)
+    examples = slice(rank.rank * each, (rank.rank + 1) * each)
+    return mine, dataclasses.replace(batch, input_ids=batch.input_ids[sequences],
+                                     attention_mask=batch.attention_mask[sequences], labels=batch.labels[examples])
+
+
+def averaged(closure: Callable[[], torch.Tensor], world: int, model: nn.Module) -> Callable[[], torch.Tensor]:
+    """``closure`` whose loss is the mean over the ranks (each ran its share of the batch), so every rank's
+    zeroth-order method reads the loss of the whole batch; a sharded model is resharded after each forward."""
+
+    def mean_loss() -> torch.Tensor:
+        loss = closure().detach().clone()
+        if isinstance(model, FSDPModule):
+            # FSDP2 leaves the root unit gathered after a forward, for the backward that would follow; a walk must
+            # find only shards, so the root lets go of its whole tensors here
+            model.reshard()
+        dist.all_reduce(loss)  # gloo has no AVG: sum, then divide
+        return loss / world
+
+    return mean_loss
+
+
+def gathered(value: Any) -> list[Any]:
+    """``value`` from every rank, rank 0's first (every rank must call this)."""
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
