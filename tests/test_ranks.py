@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from zomem import models, optim, ranks, shards, workloads
+from zomem import calibrate, estimate, models, optim, ranks, records, shards, workloads
 from zomem.cell import Cell
 from zomem.closure import Phases, make_closure
 from zomem.errors import UsageError
@@ -83,7 +83,6 @@ def test_a_shard_walks_the_blocks_of_the_whole_tensor_it_covers() -> None:
 @pytest.mark.parametrize("cell, message", [
     (Cell("opt-tiny", "adam", "sst2", device="cpu", ranks=2, strategy="replicate"), "zeroth-order methods only"),
     (Cell("opt-tiny", "lozo", "sst2", device="cpu", ranks=2), "cannot run on FSDP shards"),
-    (Cell("opt-tiny", "mezo", "sst2", device="cpu", ranks=3), "do not divide by 3"),
     (Cell("opt-tiny", "mezo", "sst2", device="cpu", ranks=2, strategy="pipeline"), "CUDA only"),
     (Cell("opt-tiny", "mezo", "sst2", device="cpu", ranks=2, tuning="lora"), "full fine-tuning"),
     (Cell("opt-tiny", "mezo", "sst2", device="cpu", ranks=0), "ranks >= 1"),
@@ -117,3 +116,31 @@ def test_a_timeout_kills_every_rank(faults: None, tmp_path: Path, monkeypatch: p
     record = run_cell(Cell("opt-tiny", "zomem_faults:Sleeps", "sst2", device="cpu", ranks=2), timeout=5)
     assert record.status == "error" and "timed out" in record.error and "--- rank 1 ---" in record.error
     assert no_rank_left()
+
+
+RANKS_RECORDS = Path(__file__).parent.parent / "reports" / "cpu-ranks" / "records.jsonl"
+
+
+def test_the_estimator_predicts_every_measured_multi_rank_cell_within_five_percent() -> None:
+    measured = [r for r in records.read(RANKS_RECORDS) if r.status == "ok"]
+    assert {(r.strategy, r.ranks) for r in measured} >= {("fsdp", 2), ("replicate", 2)}
+    residuals = calibrate.residuals(measured, estimate.Calibration.load("cpu"))
+    assert len(residuals) == len(measured)
+    worst = max(residuals, key=lambda res: abs(res.relative))
+    assert abs(worst.relative) <= 0.05, (worst.record.key, worst.relative)
+
+
+def test_each_fsdp_rank_holds_half_the_weights_and_state_of_one_device() -> None:
+    measured = [r for r in records.read(RANKS_RECORDS) if r.status == "ok"]
+    single = {(r.model, r.optimizer, r.workload): r for r in measured if r.strategy is None}
+    pairs = [(r, single[r.model, r.optimizer, r.workload]) for r in measured
+             if r.strategy == "fsdp" and (r.model, r.optimizer, r.workload) in single]
+    assert {r.optimizer for r, _ in pairs} >= {"mezo", "adam"}
+    for sharded, whole in pairs:
+        # FSDP2 shards every unit, the root too: a rank is short of half only by the padding of an uneven split
+        for part in ("weights", "optimizer_state", "gradients"):
+            assert sharded.breakdown[part] == pytest.approx(whole.breakdown[part] / 2, rel=0.01), part
+        # and the ranks peak alike: each runs half the batch over the same shards
+        peaks = [p["cpu_hwm"] for p in sharded.rank_peak_bytes]
+        assert len(peaks) == 2 and max(peaks) == sharded.peak_bytes["cpu_hwm"] <= min(peaks) * 1.01
+        assert sharded.peak_bytes["cpu_hwm"] < whole.peak_bytes["cpu_hwm"]

@@ -56,7 +56,7 @@ def predict(record: Record, calibration: Calibration) -> estimate.Estimate:
     return estimate.estimate(record.model, record.optimizer, record.workload, record.dtype,
                              device=calibration.device, precision=record.precision, calibration=calibration,
                              hparams=estimate.shaping(record.hparams), checkpointing=record.checkpointing,
-                             tuning=record.tuning)
+                             tuning=record.tuning, gpus=record.ranks, strategy=record.strategy)
 
 
 def residuals(records: Sequence[Record], calibration: Calibration) -> list[Residual]:
@@ -76,7 +76,8 @@ def fit(records: Sequence[Record], device: str, source: str = "") -> Calibration
     """
     kind = estimate.device_kind(device)
     usable = [r for r in records if modelled(r, kind)]
-    full = [r for r in usable if r.tuning == "full"]
+    # cells of several ranks are predicted from these constants, not fitted to: FSDP's terms are measured apart
+    full = [r for r in usable if r.tuning == "full" and r.strategy is None]
     if len(full) < 3:
         raise UsageError(f"calibrating {kind} needs at least 3 ok fully tuned records measured on {kind}; "
                          f"got {len(full)}")
@@ -106,7 +107,8 @@ def _fit_shared(cells: Sequence[Record], kind: str) -> Calibration:
     traced activations), the rest of its backward or its optimizer step (no multiplier shows there). Which phase
     holds the most depends on the multipliers, so it is chosen under the analytic ones, then again under the fitted
     ones until the choice settles. A term no cell exercises keeps 1."""
-    shadow = Calibration.load(kind).matmul_shadow
+    stored = Calibration.load(kind)
+    shadow = stored.matmul_shadow
     decomposed = [(r, *estimate.decompose(r.model, r.optimizer, r.workload, r.dtype, r.precision, kind,
                                           estimate.shaping(r.hparams), shadow.get(r.dtype, 0.0), r.checkpointing,
                                           r.tuning))
@@ -128,7 +130,8 @@ def _fit_shared(cells: Sequence[Record], kind: str) -> Calibration:
                                   torch.tensor(weights, dtype=torch.float64))
         present = x.any(dim=0).tolist()
         scales = (float(coef[j]) if present[j] else 1.0 for j in range(1, 3))
-        calibration = Calibration(kind, True, int(round(float(coef[0]))), *scales, matmul_shadow=shadow)
+        calibration = Calibration(kind, True, int(round(float(coef[0]))), *scales, matmul_shadow=shadow,
+                                  fsdp=stored.fsdp)
     return calibration
 
 

@@ -7,7 +7,7 @@ import json
 
 from tabulate import tabulate
 
-from zomem import estimate, models
+from zomem import estimate, models, ranks
 from zomem.cli.options import parse_hparam
 from zomem.estimate import Estimate
 from zomem.hardware import GIB
@@ -33,7 +33,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="gradient checkpointing (first-order methods): layers recompute activations in backward")
     parser.add_argument("--tuning", choices=list(models.TUNINGS), default="full",
                         help="what is trained: every parameter (default), LoRA adapters or a prefix (one device)")
-    parser.add_argument("--gpus", type=int, default=1, help="GPUs the model is spread over (default: 1)")
+    parser.add_argument("--gpus", type=int, default=1,
+                        help="GPUs the model is spread over, or ranks on CPU (default: 1)")
+    parser.add_argument("--strategy", default=None, choices=list(ranks.STRATEGIES),
+                        help="how the devices share the model (default: fsdp for first-order methods and on CPU, "
+                        "pipeline for forward-only methods on GPUs)")
     parser.add_argument("--device", default="cuda", choices=list(estimate.DEVICE_KINDS),
                         help="whose calibrated constants to use (default: cuda)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -44,7 +48,7 @@ def compute(args: argparse.Namespace) -> Estimate:
     """The estimate the options ask for."""
     return estimate.estimate(args.model, args.optimizer, args.workload, args.dtype, gpus=args.gpus,
                              device=args.device, precision=args.precision, hparams=dict(args.hparam),
-                             checkpointing=args.checkpointing, tuning=args.tuning)
+                             checkpointing=args.checkpointing, tuning=args.tuning, strategy=args.strategy)
 
 
 def render(result: Estimate) -> str:

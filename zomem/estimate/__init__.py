@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 import torch
 
-from zomem import models, optim, workloads
+from zomem import models, optim, ranks, workloads
 from zomem.cell import HALF_DTYPES, check_checkpointing, check_precision
 from zomem.errors import UsageError
 from zomem.estimate import placement
@@ -33,8 +33,8 @@ from zomem.estimate.tracing import Moment, Trace, trace
 from zomem.optim.base import STATE_DTYPES, compute_dtype, resolve_block_size
 
 __all__ = ["CALIBRATION_DIR", "DEVICE_KINDS", "PRECISIONS", "PROBE", "SCALER_BYTES", "SHAPING_HPARAMS", "Calibration",
-           "DevicePeak", "Estimate", "Linear", "Moment", "Shape", "Trace", "block_bytes", "decompose", "device_kind",
-           "estimate", "meta_model", "peak_phase", "persistent_per_param", "resolve_precision",
+           "DevicePeak", "Estimate", "Linear", "Moment", "Shape", "Trace", "block_bytes", "decompose", "default_strategy",
+           "device_kind", "estimate", "meta_model", "peak_phase", "persistent_per_param", "resolve_precision",
            "shape", "shaping", "trace"]
 
 Precision = Literal["pure", "mixed"]
@@ -227,20 +227,23 @@ def settle(parts: DevicePeak, candidates: list[Linear], calibration: Calibration
 def estimate(model: str, optimizer: str, workload: str, dtype: str = "float32", *, gpus: int = 1,
              device: str = "cuda", precision: str | None = None, calibration: Calibration | None = None,
              capacity_bytes: int | None = None, hparams: dict[str, Any] | None = None,
-             checkpointing: bool = False, tuning: str = "full") -> Estimate:
+             checkpointing: bool = False, tuning: str = "full", strategy: str | None = None) -> Estimate:
     """Predicted peak bytes per device of one step of ``optimizer`` on ``model`` and ``workload``.
 
     ``hparams`` are the optimizer's (``state_dtype``, ``implementation``, ``block_size`` change the prediction);
     ``checkpointing``: the decoder layers recompute their activations in backward. ``tuning``: what is trained
-    (``lora``/``prefix``: the adapters or the prefix, on one device).
+    (``lora``/``prefix``: the adapters or the prefix, on one device). ``gpus`` devices (ranks, on CPU) share the
+    model as ``strategy`` says (:data:`zomem.ranks.STRATEGIES`); by default first-order methods are sharded by
+    FSDP, forward-only ones placed layer by layer by accelerate (``pipeline``; sharded on CPU).
     ``capacity_bytes`` (per GPU) bounds accelerate's placement of a forward-only method over several GPUs;
     without it the layers are balanced evenly.
     """
     if gpus < 1:
         raise UsageError(f"need at least one GPU, got --gpus {gpus}")
     kind = device_kind(device)
-    if kind == "cpu" and gpus != 1:
-        raise UsageError("several devices are GPUs: use --device cuda with --gpus")
+    if strategy is not None:  # what a measured cell could run (a prediction goes beyond: FSDP with any optimizer)
+        ranks.check(strategy, gpus, optimizer, kind, tuning)
+    strategy = strategy or default_strategy(optimizer, gpus, kind)
     calibration = calibration or Calibration.load(kind)
     prec = resolve_precision(optimizer, dtype, precision)
     work = workloads.get(workload)
@@ -257,18 +260,30 @@ def estimate(model: str, optimizer: str, workload: str, dtype: str = "float32", 
     base = dict(model=model, optimizer=optimizer, workload=workload, dtype=dtype, precision=prec, device=kind,
                 gpus=gpus, calibrated=calibration.calibrated, hparams=hparams, checkpointing=checkpointing,
                 tuning=tuning)
-    if gpus == 1:
-        devices, how, offloaded = [cell.single(calibration)], "single device", []
+    offloaded: list[str] = []
+    if strategy is None:
+        devices, how = [cell.single(calibration)], "single device"
         tensors = [cell.single(calibration.tensors_only())]
-    elif cell.backprop:
-        devices, how, offloaded = cell.fsdp(gpus, calibration), "FSDP full shard", []
+    elif strategy == "fsdp":
+        devices, how = cell.fsdp(gpus, calibration), "FSDP full shard"
         tensors = cell.fsdp(gpus, calibration.tensors_only())
+    elif strategy == "replicate":
+        devices, how = [cell.single(calibration, gpus)] * gpus, "replicated, batch split"
+        tensors = [cell.single(calibration.tensors_only(), gpus)]
     else:
         devices, offloaded = cell.accelerate(gpus, calibration, capacity_bytes)
         tensors, _ = cell.accelerate(gpus, calibration.tensors_only(), capacity_bytes)
         how = "accelerate device map"
     return Estimate(**base, devices=devices, placement=how, offloaded=offloaded,
                     tensor_bytes=max(d.total for d in tensors) if kind == "cuda" else None)
+
+
+def default_strategy(optimizer: str, gpus: int, kind: str) -> str | None:
+    """How ``gpus`` devices share a model when no strategy is named: one device alone; FSDP for first-order methods
+    and for CPU ranks; accelerate's layer placement (the MeZO code's) for forward-only methods on GPUs."""
+    if gpus == 1:
+        return None
+    return "pipeline" if kind == "cuda" and optim.forward_only(optim.get(optimizer)) else "fsdp"
 
 
 def decompose(model: str, optimizer: str, workload: str, dtype: str, precision: str, device: str,
@@ -383,19 +398,21 @@ class _Cell:
                 + extra.get("copies", 0.0) * weight_bytes + extra.get("bytes", 0.0)
                 + calibration.tunings.get(self.tuning, 0.0))
 
-    def decompose(self) -> tuple[DevicePeak, list[Linear]]:
+    def decompose(self, batch_size: int | None = None) -> tuple[DevicePeak, list[Linear]]:
         """One device's persistent parts (no transient, no overhead) and each phase's transient."""
         s, p = self.shape, self.per_param
         parts = DevicePeak(weights=round(s.params * p.weights),
                            optimizer_state=round(s.trainable * p.state) + self.scaler(),
                            gradients=round(s.trainable * p.gradients), transient=0, overhead=0)
         step = step_temporary(self.optimizer, s, p.weights, self.hparams, self.kind)
-        return parts, self.phases(parts.gradients, step=step)
+        return parts, self.phases(parts.gradients, step=step, batch_size=batch_size)
 
-    def single(self, calibration: Calibration) -> DevicePeak:
-        parts, candidates = self.decompose()
+    def single(self, calibration: Calibration, replicas: int = 1) -> DevicePeak:
+        """One device holding the whole model; one of ``replicas`` that split the batch between them."""
+        batch = math.ceil(self.work.batch_size / replicas) if replicas > 1 else None
+        parts, candidates = self.decompose(batch)
         trained = self.shape.trainable * self.per_param.weights  # what an optimizer's copies are copies of
-        return settle(parts, candidates, calibration, self.extras(calibration, trained))
+        return settle(parts, candidates, calibration, self.extras(calibration, trained, batch_size=batch))
 
     def accelerate(self, gpus: int, calibration: Calibration,
                    capacity: int | None) -> tuple[list[DevicePeak], list[str]]:
@@ -424,8 +441,9 @@ class _Cell:
     def fsdp(self, gpus: int, calibration: Calibration) -> list[DevicePeak]:
         # Full sharding (ZeRO-3), one FSDP unit per decoder layer plus the root unit (embeddings, final norm):
         # each GPU keeps 1/N of the weights, gradients and state; during compute the root unit and two layer
-        # units (the current one and the prefetched next) are gathered whole, with one layer's full gradients
-        # before its reduce-scatter. Data parallel: each GPU runs ceil(batch/N) examples.
+        # units (the current one and the prefetched next) are gathered whole, with (backprop) one layer's full
+        # gradients before its reduce-scatter; a forward-only step's head runs with the root alone gathered (its
+        # layers resharded). Data parallel: each GPU runs ceil(batch/N) examples.
         s, p = self.shape, self.per_param
         batch = math.ceil(self.work.batch_size / gpus)
         weights, gradients = s.params * p.weights / gpus, s.params * p.gradients / gpus
@@ -433,13 +451,22 @@ class _Cell:
         # policy in the autocast dtype, as Trainer's --fp16/--bf16 set it with FSDP), keeping float32 shards.
         mixed = self.precision == "mixed"
         unit = models.dtype(self.dtype).itemsize if mixed else p.weights
-        gathered = (s.root_params + 2 * s.layer_params) * unit + (s.root_params + s.layer_params) * (
-            unit if mixed else p.gradients)
+        held = calibration.fsdp
+        shards = held.get("root_shards" if self.backprop else "forward_root_shards", 0.0)
+        layers = (s.root_params * shards / gpus + 2 * s.layer_params) * unit
         parts = DevicePeak(weights=round(weights), optimizer_state=round(s.params * p.state / gpus) + self.scaler(),
                            gradients=round(gradients), transient=0, overhead=0)
-        candidates = self.phases(parts.gradients, batch_size=batch, shards=gpus,
-                                 step=step_temporary(self.optimizer, s, p.weights, self.hparams, self.kind) / gpus)
+        if self.backprop:
+            layers += held.get("gradient_units", 1.0) * (s.root_params + s.layer_params) * (
+                unit if mixed else p.gradients)
+            candidates = [dataclasses.replace(c, constant=c.constant + layers) for c in self.phases(
+                parts.gradients, batch_size=batch, shards=gpus,
+                step=step_temporary(self.optimizer, s, p.weights, self.hparams, self.kind) / gpus)]
+        else:
+            candidates = [*(dataclasses.replace(c, constant=c.constant + layers)
+                            for c in self.phases(0, head=False, batch_size=batch)),
+                          *self.phases(0, layers=False, batch_size=batch)]
         # gathered in the autocast dtype already, the weights leave autocast nothing to cast and cache
         candidates = [dataclasses.replace(c, cache=0.0) for c in candidates]
-        extra = gathered + self.extras(calibration, weights, batch_size=batch)
+        extra = s.root_params * unit + self.extras(calibration, weights, batch_size=batch)
         return [settle(parts, candidates, calibration, extra)] * gpus

@@ -49,6 +49,12 @@ class Calibration:
     #: oneDNN computes bfloat16 matmuls into float32 on CPUs without native bfloat16; a GPU writes the output
     #: directly. Measured, not fitted (calibration carries it over).
     matmul_shadow: dict[str, float] = field(default_factory=dict)
+    #: what FSDP holds beside its gathered units (the root, and while the layers run two decoder layers, whole) as
+    #: this kind's ranks showed it: ``root_shards`` and ``forward_root_shards``, copies of a rank's shard of the root
+    #: unit alive beside them in backprop's step and while a forward-only step's layers run (analytic: none);
+    #: ``gradient_units``, the gathered units' whole gradients alive at backprop's peak (analytic: one). Measured on
+    #: several ranks, not fitted (calibration carries it over).
+    fsdp: dict[str, float] = field(default_factory=dict)
     #: where the constants come from, and how well they fit
     source: str = ""
     worst_residual: float | None = None
