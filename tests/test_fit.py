@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from zomem import fit, hardware, models, records
+from zomem import fit, hardware, models, records, tables
 from zomem.cell import Cell
 from zomem.cli import fit as fit_cli
 from zomem.cli import main as cli
@@ -172,10 +172,22 @@ def test_without_nvml_the_rows_to_emulate_must_be_named() -> None:
 
 def test_gpu_emulation_refuses_what_it_cannot_emulate() -> None:
     template = Cell("opt-125m", "mezo", "multirc", device="cuda")
-    with pytest.raises(UsageError, match="one card"):
+    with pytest.raises(UsageError, match="needs 2 GPUs and this box has 1"):
         fit.gpu_cell(hardware.parse_row("2xV100-32GB"), template, 80 * GIB)
     with pytest.raises(UsageError, match="cannot emulate"):
         fit.gpu_cell(hardware.parse_row("1xH200-141GB"), template, 80 * GIB)
+
+
+def test_several_cards_are_emulated_as_as_many_ranks_each_capped_at_a_card() -> None:
+    template = Cell("opt-125m", "mezo", "multirc", device="cuda")
+    cell = fit.gpu_cell(hardware.parse_row("2xV100-32GB"), template, 80 * GIB, gpus=8)
+    card = hardware.parse_row("1xV100-32GB").gpu.memory_bytes
+    assert (cell.ranks, cell.strategy, cell.memory_cap_bytes) == (2, "fsdp", card)
+    replicated = fit.gpu_cell(hardware.parse_row("2xV100-32GB"), dataclasses.replace(template, ranks=2,
+                              strategy="replicate"), 80 * GIB, gpus=2)
+    assert replicated.strategy == "replicate"
+    assert [r.name for r in fit_cli.emulable(80 * GIB, gpus=2)] == ["1xA100-80GB", "2xA100-80GB", "1xV100-32GB",
+                                                                     "2xV100-32GB"]
 
 
 def test_a_measured_fit_runs_the_precision_a_prediction_assumes() -> None:
@@ -194,6 +206,25 @@ def test_measured_fit_in_mixed_precision_on_cpu(tmp_path: Path, capsys: pytest.C
     found = json.loads(capsys.readouterr().out)[0]
     assert found["answer"] == "opt-mini" and found["precision"] == "mixed"
     assert {(r.precision, r.dtype, r.status) for r in records.read(out)} == {("mixed", "bfloat16", "ok")}
+
+
+def test_a_two_rank_fit_search_on_cpu_runs_end_to_end_and_its_row_reads_measured(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out, fits = tmp_path / "trials.jsonl", tmp_path / "fits.jsonl"
+    assert cli(["fit", "--measure", "--ranks", "2", "--optimizer", "mezo", "--workload", "sst2", "--device", "cpu",
+                "--models", "opt-tiny", "opt-mini", "--budget", "1TiB", "--records", str(out), "--out", str(fits),
+                "--json"]) == 0
+    found = json.loads(capsys.readouterr().out)[0]
+    assert found["answer"] == "opt-mini" and (found["ranks"], found["strategy"]) == (2, "fsdp")
+    assert found["hardware"] == "cpu budget 1.02e+03 GiB x2 ranks"
+    trials = records.read(out)
+    assert trials and all(r.status == "ok" and len(r.rank_peak_bytes) == 2 for r in trials)
+    # a measured fit of two cards (as a 2-GPU box writes it) is what the largest-fit table marks measured
+    measured = dataclasses.replace(fit.read(fits, "sst2", "float16")[0], hardware="2xA100-80GB")
+    predicted = fit.predict(hardware.parse_row("1xA100-80GB"), "mezo", "sst2", "float16")
+    table = tables.largest_fit([measured, predicted], ["1xA100-80GB", "2xA100-80GB"], ["mezo"])
+    assert table.rows == [["1xA100-80GB", f"{predicted.answer} (p)"], ["2xA100-80GB", "opt-mini (m)"]]
+    assert "fsdp x2" in table.markdown()
 
 
 def test_a_crashed_trial_stops_the_search_instead_of_counting_as_too_big() -> None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from zomem import estimate, models
+from zomem import estimate, models, ranks
 from zomem.cell import Cell, nvml_query
 from zomem.errors import CellFailed, UsageError
 from zomem.hardware import GIB, HardwareRow
@@ -55,6 +55,9 @@ class Fit:
     trials: list[Trial]
     #: whether the optimizer's cells recompute activations in backward (gradient checkpointing)
     checkpointing: bool = False
+    #: measured: the processes (devices) each trial ran as, and how they shared the model
+    ranks: int = 1
+    strategy: str | None = None
 
     @property
     def method(self) -> str:
@@ -119,7 +122,8 @@ def measure(cell: Cell, limit_bytes: int, label: str, run: RunCell, *, ladder: S
     """The largest ladder model whose cell runs with its peak within ``limit_bytes``, by running cells.
 
     ``cell`` is the template (its model is replaced along the ladder); on a GPU it should carry
-    ``memory_cap_bytes`` so the allocator stops where the emulated card would. ``guess`` seeds the search.
+    ``memory_cap_bytes`` so the allocator stops where the emulated card would. ``guess`` seeds the search. A cell of
+    several ranks fits when its most loaded rank does (a record's peak is the most any rank reached).
     """
     probe = estimate.PROBE[estimate.device_kind(cell.device)]
     trials: dict[int, Trial] = {}
@@ -146,7 +150,8 @@ def measure(cell: Cell, limit_bytes: int, label: str, run: RunCell, *, ladder: S
     first = list(ladder).index(guess) if guess in ladder else None
     found = search(len(ladder), fits, first)
     return Fit(label, cell.optimizer, cell.workload, cell.dtype, cell.precision, "measured", limit_bytes,
-               ladder[found] if found >= 0 else None, [trials[i] for i in sorted(trials)], cell.checkpointing)
+               ladder[found] if found >= 0 else None, [trials[i] for i in sorted(trials)], cell.checkpointing,
+               cell.ranks, cell.strategy)
 
 
 #: what a fit on a GPU without NVML judges by: the allocator's reserved peak plus the CUDA context measured at start
@@ -177,24 +182,29 @@ def template(model: str, optimizer: str, workload: str, dtype: str, precision: s
 
 
 def guess(limit_bytes: int, cell: Cell, ladder: Sequence[str] = DEFAULT_LADDER) -> str | None:
-    """The estimator's answer for ``cell`` on one device of ``limit_bytes``: where a measured search starts."""
+    """The estimator's answer for ``cell`` on devices of ``limit_bytes`` (one per rank): where a measured search
+    starts."""
     calibration = estimate.Calibration.load(cell.device)
     found = search(len(ladder), lambda i: estimate.estimate(
         ladder[i], cell.optimizer, cell.workload, cell.dtype, device=cell.device, precision=cell.precision,
-        calibration=calibration, hparams=cell.hparams, checkpointing=cell.checkpointing).peak_bytes <= limit_bytes)
+        calibration=calibration, hparams=cell.hparams, checkpointing=cell.checkpointing, gpus=cell.ranks,
+        strategy=cell.strategy).peak_bytes <= limit_bytes)
     return ladder[found] if found >= 0 else None
 
 
-def gpu_cell(row: HardwareRow, template: Cell, device_total_bytes: int | None) -> Cell:
-    """The cell template for a measured fit on one GPU that emulates ``row``'s card with a memory cap (where NVML
-    cannot read this GPU's size, ``device_total_bytes`` is None and the measuring child checks it)."""
-    if row.count != 1:
-        raise UsageError(f"{row.name}: a measured fit emulates one card; several GPUs can only be predicted "
-                         f"(use --predict, or 1x{row.gpu.name})")
+def gpu_cell(row: HardwareRow, template: Cell, device_total_bytes: int | None, gpus: int = 1) -> Cell:
+    """The cell template for a measured fit that emulates ``row``'s cards with a memory cap on each GPU, one rank per
+    card (of ``gpus`` on this box; where NVML cannot read a GPU's size, ``device_total_bytes`` is None and the
+    measuring child checks it). Several cards run as FSDP ranks unless the template names another strategy."""
+    if row.count > gpus:
+        raise UsageError(f"{row.name} needs {row.count} GPUs and this box has {gpus}: measure it where there are "
+                         f"that many, or use --predict")
     if device_total_bytes is not None and row.gpu.memory_bytes > device_total_bytes:
         raise UsageError(f"this GPU has {device_total_bytes / GIB:.1f} GiB and cannot emulate a "
                          f"{row.gpu.memory_gib:.1f} GiB {row.gpu.name}: use --predict")
-    return dataclasses.replace(template, memory_cap_bytes=row.gpu.memory_bytes)
+    strategy = template.strategy if row.count == template.ranks else ("fsdp" if row.count > 1 else None)
+    ranks.check(strategy, row.count, template.optimizer, template.device, template.tuning)
+    return dataclasses.replace(template, memory_cap_bytes=row.gpu.memory_bytes, ranks=row.count, strategy=strategy)
 
 
 def append(path: Path, result: Fit) -> None:

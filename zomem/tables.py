@@ -253,6 +253,10 @@ def largest_fit(fits: Sequence[Fit], hardware: Sequence[str], optimizers: Sequen
     sample = fits[0] if fits else None
     notes = [f"(m): measured, (p): predicted by the estimator; none: not even the smallest {family_label(family)} "
              "fits."]
+    several = sorted({f"{f.strategy} x{f.ranks}" for f in fits if f.source == "measured" and f.ranks > 1})
+    if several:
+        notes.append(f"Measured rows of several GPUs ran each trial as one rank per GPU ({', '.join(several)}); its "
+                     "peak is the most any rank reached.")
     if any(f.checkpointing for f in fits):
         notes.append("OPTIMIZER + checkpointing: that optimizer with gradient checkpointing, each decoder layer's "
                      "activations recomputed in backward instead of kept.")

@@ -7,9 +7,10 @@ import functools
 import json
 from pathlib import Path
 
+import torch
 from tabulate import tabulate
 
-from zomem import fit, hardware, models, sweep
+from zomem import fit, hardware, models, ranks, sweep
 from zomem.cell import resolve_device
 from zomem.errors import UsageError
 from zomem.fit import Fit
@@ -50,6 +51,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--budget", type=hardware.parse_bytes, default=None,
                         help="CPU memory budget for --measure, e.g. 2GiB (the peak of the whole process)")
     parser.add_argument("--device", default="auto", help="device for --measure: auto, cpu, cuda or cuda:N")
+    parser.add_argument("--ranks", type=int, default=1, metavar="N",
+                        help="--measure on CPU: run each trial as N ranks, each held to --budget (on GPUs a row's "
+                        "count of cards sets the ranks)")
+    parser.add_argument("--strategy", default=None, choices=list(ranks.STRATEGIES),
+                        help="how a trial's ranks share the model (default: fsdp)")
     parser.add_argument("--records", type=Path, default=DEFAULT_RECORDS,
                         help=f"where --measure appends the records of its trials (default: {DEFAULT_RECORDS})")
     parser.add_argument("--out", type=Path, default=None,
@@ -72,34 +78,34 @@ def compute(args: argparse.Namespace) -> list[Fit]:
     steps = {k: v for k, v in sweep.defaults(device).items() if k != "steps"}
     # Everything is checked before the first cell runs: a bad row or optimizer must not cost an hour of trials.
     templates = [fit.template(args.models[0], o, args.workload, args.dtype, args.precision, device,
-                              checkpointing=args.checkpointing, **steps)
+                              checkpointing=args.checkpointing, ranks=args.ranks, strategy=args.strategy, **steps)
                  for o in args.optimizer]
     run = functools.partial(run_cell, out=args.records)
     if device == "cpu":
         if args.budget is None:
             raise UsageError("--measure on CPU needs a memory budget, e.g. --budget 2GiB")
-        label = f"cpu budget {args.budget / GIB:.3g} GiB"
+        label = f"cpu budget {args.budget / GIB:.3g} GiB" + (f" x{args.ranks} ranks" if args.ranks > 1 else "")
         return [fit.measure(t, args.budget, label, run, ladder=args.models,
                             guess=fit.guess(args.budget, t, args.models))
                 for t in templates]
     if args.budget is not None:
         raise UsageError("--budget is for CPU; on a GPU each --hardware card is emulated with a memory cap")
-    total = fit.gpu_total_bytes(device)
-    rows = [hardware.parse_row(text) for text in args.hardware] if args.hardware else emulable(total)
-    cells = [(row, fit.gpu_cell(row, t, total)) for t in templates for row in rows]
+    total, gpus = fit.gpu_total_bytes(device), torch.cuda.device_count()  # counted through NVML, CUDA left alone
+    rows = [hardware.parse_row(text) for text in args.hardware] if args.hardware else emulable(total, gpus)
+    cells = [(row, fit.gpu_cell(row, t, total, gpus)) for t in templates for row in rows]
     return [fit.measure(cell, row.gpu.memory_bytes, row.name, run, ladder=args.models,
                         guess=fit.predict(row, cell.optimizer, args.workload, args.dtype, ladder=args.models,
                                           precision=cell.precision, checkpointing=cell.checkpointing).answer)
             for row, cell in cells]
 
 
-def emulable(total_bytes: int | None) -> list[hardware.HardwareRow]:
-    """The default rows one GPU of ``total_bytes`` can emulate: single cards no larger than itself."""
+def emulable(total_bytes: int | None, gpus: int = 1) -> list[hardware.HardwareRow]:
+    """The default rows ``gpus`` GPUs of ``total_bytes`` can emulate: up to that many cards no larger than one."""
     if total_bytes is None:
         raise UsageError("NVML cannot read this GPU's memory (a MIG slice, or a container without NVML), so which "
                          "default rows it can emulate is unknown; name them with --hardware, e.g. 1xV100-16GB")
     rows = [hardware.parse_row(text) for text in hardware.DEFAULT_ROWS]
-    found = [row for row in rows if row.count == 1 and row.gpu.memory_bytes <= total_bytes]
+    found = [row for row in rows if row.count <= gpus and row.gpu.memory_bytes <= total_bytes]
     if not found:
         raise UsageError(f"this GPU ({total_bytes / GIB:.1f} GiB) can emulate none of the default rows; name one "
                          "with --hardware, e.g. 1xV100-16GB or 1xMYCARD:24")
