@@ -97,7 +97,8 @@ class ZomemFixture:
         return record
 
     def benchmark_step(self, benchmark: BenchmarkFixture, cell: Cell) -> Record:
-        """Benchmark one training step of ``cell``: peaks from a fresh child, time from pedantic rounds here.
+        """Benchmark one training step of ``cell``: peaks from a fresh child, time from pedantic rounds here (from rank
+        0's clock, for a cell run as several ranks).
 
         The child's record goes into ``benchmark.extra_info``. A cell that runs out of memory is skipped
         (its baseline entry says ``oom``); one whose child fails fails the test with the child's error.
@@ -113,7 +114,11 @@ class ZomemFixture:
             if record.status == "oom":
                 pytest.skip(f"{cell_name(record)}: out of memory: {record.error_line}")
             pytest.fail(f"{cell_name(record)}: the measuring child failed: {record.error}", pytrace=False)
-        # The benchmark's own median, or none when benchmarks are disabled: never the child's phase-timed steps.
-        seconds = time_steps(benchmark, cell)
+        if cell.strategy is None:
+            # The benchmark's own median, or none when benchmarks are disabled: never the child's phase-timed steps.
+            seconds = time_steps(benchmark, cell)
+        else:
+            # This process cannot be one of several ranks: their step is the one rank 0 timed.
+            seconds = record.step_seconds["median"]
         self.add(dataclasses.replace(Measurement.from_record(record), seconds=seconds), record.env)
         return record

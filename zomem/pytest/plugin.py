@@ -75,6 +75,10 @@ def add_grid_options(addoption: Callable[..., Any]) -> None:
               help="what is trained: full, lora or prefix (default: full)")
     addoption("--zomem-checkpointing", action="store_true",
               help="gradient checkpointing for the grid's first-order methods (layers recompute activations)")
+    addoption("--zomem-ranks", type=parse_rounds, default=1, metavar="N",
+              help="run each cell as N processes, one per device (default: 1); their step is timed by rank 0")
+    addoption("--zomem-strategy", default=None, choices=["fsdp", "replicate", "pipeline"],
+              help="how the ranks share the model (default: fsdp with --zomem-ranks above 1)")
     addoption("--zomem-optimizers", type=parse_names, default=None, metavar="NAMES",
               help="comma-separated optimizers (default: every registered one the model's positions take)")
     addoption("--zomem-workloads", type=parse_names, default=None, metavar="NAMES",

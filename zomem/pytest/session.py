@@ -33,6 +33,9 @@ class Grid:
     precision: str = "pure"
     #: gradient checkpointing for the first-order methods (the others run no backward)
     checkpointing: bool = False
+    #: processes (devices) per cell, and how they share the model
+    ranks: int = 1
+    strategy: str | None = None
 
     def cells(self) -> list[Cell]:
         """Every cell, validated: an unknown name or a missing GPU fails collection before anything is built."""
@@ -50,7 +53,8 @@ class Grid:
             return [Cell(model=self.model, optimizer=o, workload=w, tuning=self.tuning, dtype=self.dtype,
                          precision=self.precision, device=self.device, steps=self.rounds,
                          warmup=self.warmup,
-                         checkpointing=self.checkpointing and not optim.forward_only(optim.get(o))).validated()
+                         checkpointing=self.checkpointing and not optim.forward_only(optim.get(o)),
+                         ranks=self.ranks, strategy=self.strategy).validated()
                     for o in optimizers for w in names]
         except UsageError as exc:
             # A collection error with the message alone: the test file that asked for the grid names it.
@@ -91,7 +95,8 @@ class ZomemSession:
         option = config.getoption
         grid = Grid(option("zomem_model"), option("zomem_device"), option("zomem_dtype"), option("zomem_tuning"),
                     option("zomem_optimizers"), option("zomem_workloads"), option("zomem_rounds"),
-                    option("zomem_warmup"), option("zomem_precision"), option("zomem_checkpointing"))
+                    option("zomem_warmup"), option("zomem_precision"), option("zomem_checkpointing"),
+                    option("zomem_ranks"), option("zomem_strategy"))
         return cls(grid, Path(option("zomem_storage")), option("zomem_save"), option("zomem_compare"),
                    option("zomem_fail"))
 
