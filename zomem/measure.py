@@ -140,11 +140,15 @@ class Prepared:
                                              models.dtype(self.cell.dtype)),
         }
 
-    def record(self, peaks: dict[str, int], step_seconds: list[float], steps: int) -> Record:
+    def record(self, peaks: dict[str, int], step_seconds: list[float], steps: int,
+               per_gpu: list[dict[str, int]] | None = None) -> Record:
         """The record of ``steps`` measured steps with these peaks and times; of a cell run as several ranks (every
-        rank calls this), the most any rank reached, each rank's peaks, and the breakdown of the rank that peaked."""
+        rank calls this), the most any rank reached, each rank's peaks, and the breakdown of the rank that peaked.
+        A pipelined cell's ``per_gpu`` peaks are its ranks'."""
         breakdown_probe, breakdown = self.breakdown(peaks)
-        per_rank: list[dict[str, int]] = []
+        per_rank: list[dict[str, int]] = per_gpu or []
+        if per_gpu:
+            peaks = {**peaks, **{name: max(p[name] for p in per_gpu) for name in per_gpu[0]}}
         if self.rank is not None:
             per_rank, breakdowns = zip(*ranks.gathered((peaks, breakdown)), strict=True)
             worst = max(range(len(per_rank)), key=lambda r: per_rank[r][breakdown_probe])
@@ -242,6 +246,8 @@ def prepare(cell: Cell) -> Prepared:
     torch.manual_seed(0)
     if cell.strategy == "fsdp":
         model = ranks.sharded(models.spec(cell.model), device, models.dtype(cell.param_dtype), rank)
+    elif cell.strategy == "pipeline":
+        model = ranks.pipelined(cell.model, models.dtype(cell.param_dtype), cell.ranks)
     else:
         model = models.apply_tuning(models.build(cell.model, device, models.dtype(cell.param_dtype)), cell.tuning)
     if cell.checkpointing:
@@ -292,6 +298,9 @@ def measure(cell: Cell, timeline: Path | None = None) -> Record:
     for _ in range(cell.warmup):
         prepared.step(warm)
     prepared.start_measuring()
+    pipelined = cell.strategy == "pipeline"
+    if pipelined:
+        ranks.reset_gpu_peaks(cell.ranks)
     timer = probes.StepTimer(prepared.device)
     with contextlib.ExitStack() as region:
         for probe in prepared.probes:
@@ -301,7 +310,8 @@ def measure(cell: Cell, timeline: Path | None = None) -> Record:
                 prepared.step()
             if prepared.phases.timer:
                 prepared.phases.timer.end_step()
-    record = prepared.record({p.name: p.peak_bytes for p in prepared.probes}, timer.seconds, cell.steps)
+    record = prepared.record({p.name: p.peak_bytes for p in prepared.probes}, timer.seconds, cell.steps,
+                             ranks.gpu_peaks(cell.ranks) if pipelined else None)
     if cell.timeline:
         if timeline is None:
             raise ValueError("a timeline cell needs a path to write its timeline to")

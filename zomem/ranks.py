@@ -40,7 +40,7 @@ RENDEZVOUS = "ZOMEM_RENDEZVOUS"
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
 
 
-def check(strategy: str | None, ranks: int, optimizer: str, device: str, tuning: str, batch_size: int) -> None:
+def check(strategy: str | None, ranks: int, optimizer: str, device: str, tuning: str) -> None:
     """Refuse a strategy this cell cannot run, before anything is built (None: one process, one device)."""
     if ranks < 1:
         raise UsageError(f"need ranks >= 1 (got {ranks})")
@@ -62,8 +62,6 @@ def check(strategy: str | None, ranks: int, optimizer: str, device: str, tuning:
     if strategy == "fsdp" and not optim.shardable(cls):
         raise UsageError(f"{optimizer} cannot run on FSDP shards (it builds its update from whole tensors, or wraps "
                          "an optimizer that does): use --strategy replicate for a zeroth-order method, or one rank")
-    if batch_size % ranks:
-        raise UsageError(f"{ranks} ranks split the batch: its {batch_size} examples do not divide by {ranks}")
 
 
 @dataclass(frozen=True)
@@ -128,15 +126,44 @@ def sharded(spec: models.ModelSpec, device: torch.device, dtype: torch.dtype, ra
     return model.eval()
 
 
+def pipelined(name: str, dtype: torch.dtype, gpus: int) -> nn.Module:
+    """The model built in host memory and dispatched over the first ``gpus`` GPUs by accelerate's balanced device
+    map, each decoder layer whole on one GPU: how the MeZO code runs its largest models."""
+    from accelerate import dispatch_model
+
+    from zomem.estimate import placement
+
+    if torch.cuda.device_count() < gpus:
+        raise UsageError(f"the pipeline strategy needs {gpus} GPUs; {torch.cuda.device_count()} are visible")
+    budgets = tuple(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
+    device_map = placement.device_map(name, str(dtype).removeprefix("torch."), budgets)
+    return dispatch_model(models.build(name, "cpu", dtype), device_map)
+
+
+def reset_gpu_peaks(gpus: int) -> None:
+    """Start every GPU's allocator peaks afresh (the probes watch the first GPU only)."""
+    for i in range(gpus):
+        torch.cuda.reset_peak_memory_stats(i)
+
+
+def gpu_peaks(gpus: int) -> list[dict[str, int]]:
+    """Each GPU's allocator peaks since :func:`reset_gpu_peaks`: a pipelined cell's peaks per GPU."""
+    return [{"torch_allocated": torch.cuda.max_memory_allocated(i), "torch_reserved": torch.cuda.max_memory_reserved(i)}
+            for i in range(gpus)]
+
+
 def split(workload: workloads.Workload, batch: workloads.Batch,
           rank: Rank) -> tuple[workloads.Workload, workloads.Batch]:
-    """This rank's share of the batch: its consecutive ``batch_size / world`` examples (each with its candidates)."""
-    each = workload.batch_size // rank.world
-    mine = dataclasses.replace(workload, batch_size=each)
-    sequences = slice(rank.rank * each * workload.candidates, (rank.rank + 1) * each * workload.candidates)
-    examples = slice(rank.rank * each, (rank.rank + 1) * each)
-    return mine, dataclasses.replace(batch, input_ids=batch.input_ids[sequences],
-                                     attention_mask=batch.attention_mask[sequences], labels=batch.labels[examples])
+    """This rank's share of the batch: its ``ceil(batch_size / world)`` consecutive examples (each with its
+    candidates), counted round from the first where the batch does not divide (MeZO's one-example workloads run an
+    example on every rank, as the estimator assumes)."""
+    each = -(-workload.batch_size // rank.world)
+    examples = (torch.arange(each) + rank.rank * each) % workload.batch_size
+    sequences = (examples[:, None] * workload.candidates + torch.arange(workload.candidates)).view(-1)
+    examples, sequences = examples.to(batch.labels.device), sequences.to(batch.input_ids.device)
+    return dataclasses.replace(workload, batch_size=each), dataclasses.replace(
+        batch, input_ids=batch.input_ids[sequences], attention_mask=batch.attention_mask[sequences],
+        labels=batch.labels[examples])
 
 
 def averaged(closure: Callable[[], torch.Tensor], world: int, model: nn.Module) -> Callable[[], torch.Tensor]:
