@@ -164,8 +164,7 @@ class Cell:
             raise UsageError(f"a warm-up batch needs at least one example (got warmup_batch={self.warmup_batch})")
         device = resolve_device(self.device)
         strategy = self.strategy or ("fsdp" if self.ranks > 1 else None)
-        ranks.check(strategy, self.ranks, self.optimizer, device, self.tuning,
-                    workloads.get(self.workload).batch_size)
+        ranks.check(strategy, self.ranks, self.optimizer, device, self.tuning)
         if self.timeline and strategy is not None:
             raise UsageError("a memory timeline tracks one process's step; run it on one device, without --strategy")
         check_dtype_on(device, self.dtype)
