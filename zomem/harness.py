@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import types
 from collections.abc import Iterator
@@ -54,6 +55,11 @@ def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 #: what the fork server imports before it forks any child
 PRELOAD = ["torch", "transformers", "zomem.measure"]
+#: the name of every measuring child (:func:`kill_cells` finds them by it)
+CELL_PROCESS = "zomem-cell"
+#: starting a child swaps this process's environment and main module for a moment: one thread at a time (a sweep of
+#: several jobs starts cells from several threads)
+_starting = threading.Lock()
 
 
 def _fork_server() -> multiprocessing.context.ForkServerContext:
@@ -114,12 +120,13 @@ def _run_children(cell_path: Path, children: list[_Process], timeout: float | No
     """Start every child (the ranks of a cell) and wait until all end, or one fails, or ``timeout`` passes, or this
     process is interrupted; then kill any left, so no rank outlives the cell. Returns the child that failed first
     (None when all ended well); raises TimeoutError when time ran out."""
-    server = _fork_server()
-    for c in children:
-        c.process = server.Process(target=child, args=(str(cell_path), str(c.result), str(c.stderr), _child_env(c.env),
-                                                       forkserver._forkserver._forkserver_pid), name="zomem-cell")
-        with _bare_main():
-            c.process.start()
+    with _starting:
+        server = _fork_server()
+        for c in children:
+            c.process = server.Process(target=child, name=CELL_PROCESS, args=(
+                str(cell_path), str(c.result), str(c.stderr), _child_env(c.env), forkserver._forkserver._forkserver_pid))
+            with _bare_main():
+                c.process.start()
     deadline = None if timeout is None else time.monotonic() + timeout
     running = {c.process.sentinel: c for c in children}
     try:
@@ -138,6 +145,13 @@ def _run_children(cell_path: Path, children: list[_Process], timeout: float | No
         for c in running.values():  # a failed rank's peers wait in a collective that will never complete
             c.process.kill()
             c.process.join()
+
+
+def kill_cells() -> None:
+    """Kill every measuring child this process has running (the threads waiting on them then record their end)."""
+    for process in multiprocessing.active_children():
+        if process.name == CELL_PROCESS:
+            process.kill()
 
 
 #: warnings a measuring child said that this process has already passed on: once per run is enough

@@ -8,6 +8,7 @@ import datetime
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tabulate import tabulate
 
@@ -63,9 +64,42 @@ def write(folder: Path, records: Sequence[Record], fits: Sequence[Fit], hardware
     return [*paths, index_path]
 
 
+def shard_section(k: int, n: int) -> Section:
+    """What the index of a shard's folder says of it."""
+    return Section(title="Shard", files=[], body=[
+        f"This folder holds shard {k}/{n} of a sweep: the cells whose place in the plan (each model, each workload, "
+        f"each optimizer, in the order given) is {k - 1} modulo {n}. `zomem report --merge` assembles the shards' "
+        "folders into one report."])
+
+
+def merged_section(sources: dict[Path, int]) -> Section:
+    """What the index of a merged folder says of the folders it was assembled from."""
+    return Section(title="Merged folders", files=[], body=[
+        f"Assembled by `zomem report --merge` from {plural(len(sources), 'folder')}, measuring nothing. A cell found "
+        "in several folders is kept once (its finished records there are identical, and an `error` gives way to a "
+        "finished record); the settings above are those of the records.", "",
+        *(f"- `{folder}`: {plural(n, 'record')}" for folder, n in sources.items())])
+
+
 def _values(records: Sequence[Record], key: str) -> str:
     found = list(dict.fromkeys(str(r.env.get(key)) for r in records if r.env.get(key) is not None))
     return ", ".join(found) if found else "none"
+
+
+def _machine_name(env: dict[str, Any]) -> str:
+    """A machine as a record's ``env`` describes it: its host (where recorded), its GPU, where the cell used one, and
+    its CPU."""
+    hardware = " with ".join(str(env[name]) for name in ("gpu", "cpu") if env.get(name))
+    return f"{env['host']}: {hardware}" if env.get("host") else hardware
+
+
+def _machines(records: Sequence[Record]) -> list[str]:
+    found = collections.Counter(_machine_name(r.env) for r in records if r.env.get("cpu"))
+    if len(found) < 2:
+        return []
+    return [f"These records come from {len(found)} different machines: "
+            + "; ".join(f"{name} ({plural(n, 'cell')})" for name, n in found.items())
+            + ". Compare their numbers with that in mind.", ""]
 
 
 def _machine(records: Sequence[Record]) -> list[str]:
@@ -77,7 +111,7 @@ def _machine(records: Sequence[Record]) -> list[str]:
         rows += [["GPU memory", ", ".join(f"{t / 2**30:.1f} GiB" for t in sorted(total))],
                  ["driver", _values(measured, "driver")], ["CUDA", _values(measured, "cuda")]]
     rows += [[name, _values(measured, name)] for name in ("python", "torch", "transformers", "zomem", "git_commit")]
-    return [tabulate(rows, headers=["", ""], tablefmt="github", disable_numparse=True)]
+    return [*_machines(measured), tabulate(rows, headers=["", ""], tablefmt="github", disable_numparse=True)]
 
 
 def _settings(records: Sequence[Record], settings: Settings) -> list[str]:
@@ -93,6 +127,11 @@ def _settings(records: Sequence[Record], settings: Settings) -> list[str]:
         f"- Each cell runs in a fresh child process: probe baseline → build the model (random weights) → build the "
         f"batch → {warm} → peaks reset → {plural(settings.steps, 'measured step')} → readings.",
     ]
+    shared = collections.Counter(r.env["cells_at_once"] for r in records if r.env.get("cells_at_once", 1) > 1)
+    for at_once, n in shared.items():
+        lines.append(f"- **Shared CPU**: {plural(n, 'cell')} ran {at_once} at a time on this CPU (`--jobs {at_once} "
+                     "--allow-shared-cpu`), each slowed by the others: their step times (and, under memory pressure, "
+                     "their peaks) are not those of a machine to itself.")
     thresholds = {r.env.get("malloc_mmap_threshold") for r in records if r.env}
     if settings.device == "cpu" and thresholds - {None}:
         frozen = ", ".join(sorted(thresholds - {None}))

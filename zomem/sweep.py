@@ -1,8 +1,9 @@
 """A sweep: the cells a report needs, each run in its own child process, resumable after an interruption.
 
-Records are appended as each cell finishes, so Ctrl-C (or SIGTERM) loses only the cell in flight; a resumed sweep
-reuses every record that matches a planned cell and runs the rest. A report folder has one writer at a time. Memory
-timelines are tracked the same way, one cell at a time, and kept as they arrive.
+Records are appended as each cell finishes, so Ctrl-C (or SIGTERM) loses only the cells in flight; a resumed sweep
+reuses every record that matches a planned cell and runs the rest. A report folder has one writer at a time. Several
+cells can run at once, each pinned to GPUs of its own. Memory timelines are tracked one cell at a time, and kept as they
+arrive.
 """
 
 from __future__ import annotations
@@ -15,17 +16,20 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm import tqdm
 
 from zomem import optim, records, timelines
-from zomem.cell import Cell
+from zomem.cell import Cell, cuda_available
 from zomem.errors import UsageError
-from zomem.harness import run_cell
+from zomem.harness import kill_cells, run_cell
 from zomem.records import Record
 from zomem.timelines import SNAPSHOT_FILE, TIMELINE_FILE, Timeline
 
@@ -33,6 +37,8 @@ from zomem.timelines import SNAPSHOT_FILE, TIMELINE_FILE, Timeline
 DONE = ("ok", "oom")
 #: the file in a report folder that holds its writer's lock and pid
 LOCK_FILE = ".zomem.lock"
+#: runs one cell in a child process, as :func:`zomem.harness.run_cell` does
+Launch = Callable[..., Record]
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,9 @@ class Settings:
     timeout: float | None = None
     #: gradient checkpointing (first-order methods)
     checkpointing: bool = False
+    #: processes (devices) per cell, and how they share the model (see :class:`zomem.cell.Cell`)
+    ranks: int = 1
+    strategy: str | None = None
 
 
 def defaults(device: str) -> dict[str, Any]:
@@ -69,16 +78,18 @@ def plan(model_names: Sequence[str], optimizers: Sequence[str], workload_names: 
                  precision=settings.precision,
                  device=settings.device, steps=settings.steps, warmup=settings.warmup,
                  warmup_batch=settings.warmup_batch, hparams=dict(settings.hparams),
-                 checkpointing=settings.checkpointing and not optim.forward_only(optim.get(o))).validated()
+                 checkpointing=settings.checkpointing and not optim.forward_only(optim.get(o)),
+                 ranks=settings.ranks, strategy=settings.strategy).validated()
             for m, w, o in itertools.product(model_names, workload_names, optimizers)]
 
 
 def matches(record: Record, cell: Cell) -> bool:
-    """Whether ``record`` measured ``cell``: same cell (checkpointed or not), same step counts, and the cell's
-    hyper-parameters."""
+    """Whether ``record`` measured ``cell``: same cell (checkpointed or not, as many ranks sharing the model the same
+    way), same step counts, and the cell's hyper-parameters."""
     same = (record.model, record.optimizer, record.workload, record.tuning, record.dtype, record.precision,
-            record.checkpointing) == (cell.model, cell.optimizer, cell.workload, cell.tuning, cell.dtype,
-                                      cell.precision, cell.checkpointing)
+            record.checkpointing, record.ranks, record.strategy) == (
+        cell.model, cell.optimizer, cell.workload, cell.tuning, cell.dtype, cell.precision, cell.checkpointing,
+        cell.ranks, cell.strategy)
     same_device = record.device.split(":")[0] == cell.device.split(":")[0]
     same_steps = (record.steps, record.warmup, record.warmup_batch) == (cell.steps, cell.warmup, cell.warmup_batch)
     return same and same_device and same_steps and all(record.hparams.get(k) == v for k, v in cell.hparams.items())
@@ -119,8 +130,55 @@ def locked(folder: Path) -> Iterator[None]:
         os.close(fd)  # and with it the lock
 
 
-def run(cells: Sequence[Cell], out: Path, *, resume: bool = False, timeout: float | None = None) -> list[Record]:
-    """The record of every cell, in plan order: reused from ``out`` when resuming, else measured and appended."""
+def visible_gpus() -> list[str]:
+    """The GPUs cells can be pinned to, named as a child's ``CUDA_VISIBLE_DEVICES`` names them: this process's own
+    list where it has one (a Slurm allocation), else indices. Counted through NVML, so this process never initialises
+    CUDA."""
+    if not cuda_available():
+        return []
+    count = torch.cuda.device_count()
+    given = os.environ.get("CUDA_VISIBLE_DEVICES")
+    names = [name.strip() for name in given.split(",")] if given else [str(i) for i in range(count)]
+    return names[:count]
+
+
+class GpuPool:
+    """GPUs free to hand out: a cell waits until as many are free as it has ranks, and no GPU serves two cells."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self.names = list(names)
+        self.free = list(names)
+        self.closed = False
+        self.changed = threading.Condition()
+
+    def take(self, count: int) -> list[str] | None:
+        """``count`` free GPUs, the first in order; None once the pool is closed (the sweep is stopping)."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.closed or len(self.free) >= count)
+            if self.closed:
+                return None
+            taken, self.free = self.free[:count], self.free[count:]
+            return taken
+
+    def give_back(self, taken: Sequence[str]) -> None:
+        """Free ``taken`` again."""
+        with self.changed:
+            self.free = [name for name in self.names if name in self.free or name in taken]
+            self.changed.notify_all()
+
+    def close(self) -> None:
+        """Wake every waiting cell with no GPUs: the sweep is stopping."""
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+
+def run(cells: Sequence[Cell], out: Path, *, resume: bool = False, timeout: float | None = None, jobs: int = 1,
+        gpus: Sequence[str] = (), launch: Launch | None = None) -> list[Record]:
+    """The record of every cell, in plan order: reused from ``out`` when resuming, else measured and appended as each
+    finishes. Up to ``jobs`` cells run at a time; given ``gpus`` (see :func:`visible_gpus`), each is pinned to as many
+    of them as it has ranks. ``launch`` runs a cell (default: the harness's ``run_cell``)."""
+    launch = launch or run_cell
     previous = existing(out, resume)
     found: dict[int, Record] = {}
     for i, cell in enumerate(cells):
@@ -130,12 +188,74 @@ def run(cells: Sequence[Cell], out: Path, *, resume: bool = False, timeout: floa
                 found[i] = record
     todo = [i for i in range(len(cells)) if i not in found]
     # Closed on an interruption too, so that what is said next starts a line of its own.
-    with tqdm(todo, desc="cells", unit="cell", initial=len(found), total=len(cells), dynamic_ncols=True) as bar:
-        for i in bar:
-            cell = cells[i]
-            bar.set_postfix_str(f"{cell.model} {cell.optimizer} {cell.workload}", refresh=True)
-            found[i] = run_cell(cell, out=out, timeout=timeout)
+    with tqdm(total=len(cells), initial=len(found), desc="cells", unit="cell", dynamic_ncols=True) as bar:
+        if jobs == 1:
+            for i in todo:
+                cell = cells[i]
+                bar.set_postfix_str(f"{cell.model} {cell.optimizer} {cell.workload}", refresh=True)
+                found[i] = launch(cell, out=out, timeout=timeout)
+                bar.update()
+        elif todo:
+            found.update(run_at_once({i: cells[i] for i in todo}, out, timeout, jobs, gpus, launch, bar))
+            # Cells side by side finish in any order: leave their records in plan order, as one at a time would (a
+            # merge of shards restores the plan's order, and with it the tables', from each shard's file order).
+            records.write(out, [*previous, *(found[i] for i in todo)])
     return [found[i] for i in range(len(cells))]
+
+
+def run_at_once(cells: dict[int, Cell], out: Path, timeout: float | None, jobs: int, gpus: Sequence[str],
+                launch: Launch, bar: tqdm) -> dict[int, Record]:
+    """Run ``cells`` (by plan index) ``jobs`` at a time, each thread waiting on its own child; their records, each
+    appended to ``out`` as it arrives. An interruption kills the children in flight and keeps no record of theirs."""
+    too_wide = [cell for cell in cells.values() if gpus and cell.ranks > len(gpus)]
+    if too_wide:
+        raise UsageError(f"a cell of {too_wide[0].ranks} ranks needs as many GPUs; {len(gpus)} are visible")
+    pool = GpuPool(gpus)
+    stopping = threading.Event()
+
+    def measure(cell: Cell) -> Record | None:
+        pinned = pool.take(cell.ranks) if gpus else []
+        if pinned is None:
+            return None
+        try:
+            if stopping.is_set():
+                return None
+            env = {"CUDA_VISIBLE_DEVICES": ",".join(pinned)} if gpus else None
+            record = launch(cell, out=None, timeout=timeout, env=env)
+        finally:
+            pool.give_back(pinned)
+        if stopping.is_set():  # its child was killed on the way out: that is no answer
+            return None
+        if not gpus and record.env:
+            # The child cannot know what ran beside it; this process can, and the index page says so.
+            record.env["cells_at_once"] = jobs
+        records.append(out, record)
+        return record
+
+    found: dict[int, Record] = {}
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="zomem-sweep") as executor:
+        futures: dict[Future[Record | None], int] = {executor.submit(measure, cell): i for i, cell in cells.items()}
+        pending = set(futures)
+        try:
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in done:
+                    record = future.result()
+                    if record is not None:
+                        found[futures[future]] = record
+                        bar.set_postfix_str(f"{record.model} {record.optimizer} {record.workload} done", refresh=False)
+                    bar.update()
+        except BaseException:
+            stopping.set()
+            pool.close()
+            for future in pending:
+                future.cancel()
+            # A thread may start its child just after a kill: kill again until every thread has returned.
+            while not all(future.done() for future in futures):
+                kill_cells()
+                wait(pending, timeout=0.1)
+            raise
+    return found
 
 
 def timeline_matches(timeline: Timeline, cell: Cell) -> bool:
