@@ -19,7 +19,7 @@ from zomem.probes import NVML_INTERVAL_S
 from zomem.records import Record
 from zomem.sweep import Settings
 from zomem.tables import (BASELINE, Table, largest_fit, memory_breakdown, peak_memory, plural, primary_probe,
-                          residual_table, step_time)
+                          rank_peaks, residual_table, step_time)
 
 
 @dataclass
@@ -58,6 +58,10 @@ def write(folder: Path, records: Sequence[Record], fits: Sequence[Fit], hardware
     tables = [peak_memory(records), memory_breakdown(records), step_time(records),
               largest_fit(fits, hardware, optimizers, family), residual_table(residuals)]
     paths = [path for table in tables for path in table.write(folder)]
+    if any(r.rank_peak_bytes for r in records):
+        ranks = rank_peaks(records)
+        paths += ranks.write(folder)
+        sections = [*sections, Section(ranks.title, [_table_files(ranks)], [ranks.markdown()])]
     index_path = folder / "index.md"
     text = index(records, tables, fits, residuals, calibration, settings, elapsed_s, measured_now, sections)
     index_path.write_text(text, encoding="utf-8")
@@ -157,9 +161,12 @@ def _settings(records: Sequence[Record], settings: Settings) -> list[str]:
     return lines
 
 
+def _table_files(t: Table) -> str:
+    return f"- {t.title}: [{t.name}.md]({t.name}.md), [{t.name}.csv]({t.name}.csv), [{t.name}.tex]({t.name}.tex)"
+
+
 def _files(tables: Sequence[Table]) -> list[str]:
-    lines = [f"- {t.title}: [{t.name}.md]({t.name}.md), [{t.name}.csv]({t.name}.csv), [{t.name}.tex]({t.name}.tex)"
-             for t in tables]
+    lines = [_table_files(t) for t in tables]
     lines += [f"- Figure, {text}: [{name}.png]({name}.png), [{name}.svg]({name}.svg)" for name, text in FIGURES.items()]
     lines.append("- Every measured cell, one JSON object per line: [records.jsonl](records.jsonl)")
     return lines

@@ -173,6 +173,30 @@ def memory_breakdown(records: Sequence[Record]) -> Table:
                   "transient_bytes", "logits_bytes", "probe", "peak_bytes", "state_dtype"], long, notes)
 
 
+def rank_peaks(records: Sequence[Record]) -> Table:
+    """One row per cell run as several ranks: each rank's peak, and what the most loaded rank held."""
+    several = len({r.model for r in records}) > 1
+    rows, long = [], []
+    for r in records:
+        if r.status != "ok" or not r.rank_peak_bytes:
+            continue
+        probe, b = primary_probe(r), r.breakdown
+        peaks = [p[probe] for p in r.rank_peak_bytes if probe in p]
+        rows.append([*_row_label(r.model, r.method, several), r.workload,
+                     " / ".join(f"{peak / MIB:,.0f}" for peak in peaks), f"{b['weights'] / MIB:,.1f}",
+                     f"{b['optimizer_state'] / MIB:,.1f}", f"{b['gradients'] / MIB:,.1f}",
+                     f"{b['transient'] / MIB:,.1f}"])
+        long += [[r.model, r.optimizer, r.strategy, r.ranks, r.workload, rank, probe, peak]
+                 for rank, peak in enumerate(peaks)]
+    notes = ["Peaks per rank, rank 0 first, from each rank's own process (a cell's peak is the most any rank "
+             "reached); weights, optimizer state, gradients and transient are those of the most loaded rank, its own "
+             "shards under fsdp. Transient as in the memory breakdown."]
+    return Table("rank_peaks", "Cells of several ranks, MiB",
+                 [*(["model"] if several else []), "optimizer", "workload", "peak per rank", "weights",
+                  "optimizer state", "gradients", "transient"], rows,
+                 ["model", "optimizer", "strategy", "ranks", "workload", "rank", "probe", "peak_bytes"], long, notes)
+
+
 def _probe_words(probes: Sequence[str]) -> str:
     words = {"cpu_hwm": "the whole process's resident high-water mark, interpreter and libraries included",
              "nvml": "GPU memory as the driver counts it, CUDA context and allocator cache included"}
