@@ -144,3 +144,17 @@ def test_each_fsdp_rank_holds_half_the_weights_and_state_of_one_device() -> None
         peaks = [p["cpu_hwm"] for p in sharded.rank_peak_bytes]
         assert len(peaks) == 2 and max(peaks) == sharded.peak_bytes["cpu_hwm"] <= min(peaks) * 1.01
         assert sharded.peak_bytes["cpu_hwm"] < whole.peak_bytes["cpu_hwm"]
+
+
+def test_a_report_of_two_rank_cells_shows_each_ranks_peak(tmp_path: Path) -> None:
+    from zomem.cli import main as cli
+
+    out = tmp_path / "report"
+    assert cli(["report", "--models", "opt-tiny", "--optimizers", "mezo", "--workloads", "sst2", "--device", "cpu",
+                "--ranks", "2", "--hardware", "1xA100-80GB", "--out", str(out)]) == 0
+    (record,) = records.read(out / "records.jsonl")
+    assert (record.ranks, record.strategy, len(record.rank_peak_bytes)) == (2, "fsdp", 2)
+    index = (out / "index.md").read_text()
+    assert "Each cell ran as 2 ranks sharing the model by `fsdp`" in index
+    peaks = " / ".join(f"{p['cpu_hwm'] / 2**20:,.0f}" for p in record.rank_peak_bytes)
+    assert f"| mezo [fsdp x2] | sst2       | {peaks}" in (out / "rank_peaks.md").read_text()

@@ -131,6 +131,11 @@ def _settings(records: Sequence[Record], settings: Settings) -> list[str]:
         f"- Each cell runs in a fresh child process: probe baseline → build the model (random weights) → build the "
         f"batch → {warm} → peaks reset → {plural(settings.steps, 'measured step')} → readings.",
     ]
+    if settings.strategy is not None:
+        lines.append(f"- Each cell ran as {plural(settings.ranks, 'rank')} sharing the model by `{settings.strategy}`"
+                     + (", one process each, each with its share of the batch" if settings.strategy != "pipeline"
+                        else ", its layers over as many GPUs in one process")
+                     + ": a peak is the most any rank reached (each rank's: the table of cells of several ranks).")
     shared = collections.Counter(r.env["cells_at_once"] for r in records if r.env.get("cells_at_once", 1) > 1)
     for at_once, n in shared.items():
         lines.append(f"- **Shared CPU**: {plural(n, 'cell')} ran {at_once} at a time on this CPU (`--jobs {at_once} "

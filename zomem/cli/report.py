@@ -127,7 +127,7 @@ def settings(args: argparse.Namespace, device: str | None = None) -> sweep.Setti
                           steps=chosen["steps"],
                           warmup=args.warmup, warmup_batch=chosen["warmup_batch"], hparams=dict(args.hparam),
                           timeout=args.timeout, checkpointing=args.checkpointing, ranks=args.ranks,
-                          strategy=args.strategy)
+                          strategy=args.strategy or ("fsdp" if args.ranks > 1 else None))
 
 
 def main(args: argparse.Namespace) -> int:
