@@ -86,6 +86,9 @@ def steps(plan: Plan, out: Path) -> list[Step]:
                      "--dtype", "float16", "--device", plan.device, "--models", *plan.fit_ladder,
                      "--records", str(out / "fit" / "records.jsonl"), "--out", str(out / "fit" / "fits.jsonl"),
                      "--json"], 50),
+        # one FSDP rank: the process group (NCCL on a GPU), sharding and per-rank peaks, on the one GPU a check has
+        Step("ranks fsdp", [*zomem, "report", *cells, "--optimizers", "mezo", "adam", "--workloads", "sst2",
+                            "--ranks", "1", "--strategy", "fsdp", "--out", str(reports / "sst2-fsdp-rank")], 40),
         Step("suites", [*pytest, "suites/", "--zomem-model", plan.model, "--zomem-device", plan.device,
                         "--zomem-optimizers", SUITE_OPTIMIZERS, "--zomem-workloads", "sst2", "--zomem-rounds", "3",
                         "--benchmark-json", str(out / "suites.json")], 60),

@@ -176,13 +176,15 @@ def run_cell(cell: Cell, out: str | Path | None = None, timeout: float | None = 
     tail of the child's stderr. Bad input raises UsageError before any child starts.
     """
     cell = cell.validated()
-    world = cell.ranks if cell.strategy in ranks.SPAWNED else 1
     with tempfile.TemporaryDirectory(prefix="zomem-cell-") as tmp:
         cell_path = Path(tmp, "cell.json")
         cell_path.write_text(cell.to_json())
-        children = [_Process(Path(tmp, "record.json"), Path(tmp, "stderr"), env)] if world == 1 else [
-            _Process(Path(tmp, f"record.{r}.json"), Path(tmp, f"stderr.{r}"),
-                     {**(env or {}), **ranks.Rank.env(r, world, f"file://{tmp}/rendezvous")}) for r in range(world)]
+        if cell.strategy in ranks.SPAWNED:  # one child per rank, a process group of even one
+            children = [_Process(Path(tmp, f"record.{r}.json"), Path(tmp, f"stderr.{r}"),
+                                 {**(env or {}), **ranks.Rank.env(r, cell.ranks, f"file://{tmp}/rendezvous")})
+                        for r in range(cell.ranks)]
+        else:
+            children = [_Process(Path(tmp, "record.json"), Path(tmp, "stderr"), env)]
         try:
             first = _run_children(cell_path, children, timeout)
         except TimeoutError as exc:
