@@ -97,6 +97,8 @@ class _Process:
     stderr: Path
     env: dict[str, str] | None
     process: multiprocessing.process.BaseProcess | None = None
+    #: whether this process killed it (its peer failed, or time ran out)
+    killed: bool = False
 
     @property
     def code(self) -> int | None:
@@ -106,8 +108,11 @@ class _Process:
     def failed(self) -> bool:
         """Ended badly: a non-zero exit, or a record of a failure (a rank writes its record only when it fails, or
         when it is rank 0)."""
-        if self.code != 0:
-            return True
+        return self.code != 0 or self.reported
+
+    @property
+    def reported(self) -> bool:
+        """Wrote a record of its own failure (out of memory, say)."""
         return self.result.exists() and json.loads(self.result.read_text()).get("status") != "ok"
 
     def tail(self, chars: int | None = STDERR_TAIL) -> str:
@@ -118,8 +123,9 @@ class _Process:
 
 def _run_children(cell_path: Path, children: list[_Process], timeout: float | None) -> _Process | None:
     """Start every child (the ranks of a cell) and wait until all end, or one fails, or ``timeout`` passes, or this
-    process is interrupted; then kill any left, so no rank outlives the cell. Returns the child that failed first
-    (None when all ended well); raises TimeoutError when time ran out."""
+    process is interrupted; then kill any left, so no rank outlives the cell. Returns the child whose failure ended
+    the cell (None when all ended well): one that recorded its own failure, else one not killed here, since a rank's
+    peers crash in their collectives once it is gone. Raises TimeoutError when time ran out."""
     with _starting:
         server = _fork_server()
         for c in children:
@@ -136,15 +142,16 @@ def _run_children(cell_path: Path, children: list[_Process], timeout: float | No
             if not ended:
                 raise TimeoutError(f"timed out after {timeout} s")
             for sentinel in ended:
-                c = running.pop(sentinel)
-                c.process.join()
-                if c.failed:
-                    return c
-        return None
+                running.pop(sentinel).process.join()
+            if any(c.failed for c in children if c.code is not None):
+                break
     finally:
         for c in running.values():  # a failed rank's peers wait in a collective that will never complete
             c.process.kill()
             c.process.join()
+            c.killed = True
+    failed = [c for c in children if c.failed]
+    return next((c for c in failed if c.reported), next((c for c in failed if not c.killed), None))
 
 
 def kill_cells() -> None:
@@ -199,7 +206,7 @@ def run_cell(cell: Cell, out: str | Path | None = None, timeout: float | None = 
                         shutil.move(Path(tmp, name), side_dir / name)
             else:
                 ended = first or children[0]
-                if ended.code == 0 and ended.result.exists():  # a rank's own record of its out-of-memory or error
+                if ended.reported:  # a rank's own record of its out-of-memory or error
                     record = Record.from_dict(json.loads(ended.result.read_text()))
                 else:
                     record = failed(cell, ended.code, ended.tail())
