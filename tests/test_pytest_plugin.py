@@ -135,6 +135,15 @@ def test_checkpointing_applies_to_the_grids_first_order_methods(pytester: pytest
     result.assert_outcomes(passed=2)
 
 
+def test_a_two_rank_suite_cell_is_measured_and_timed_by_its_ranks(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_step=SUITE.read_text())
+    result = pytester.runpytest(*TINY, "--zomem-optimizers", "mezo", "--zomem-workloads", "sst2", "--zomem-rounds",
+                                "2", "--zomem-ranks", "2", "--zomem-save", "base")
+    result.assert_outcomes(passed=1)
+    [measured] = Baseline.from_json((pytester.path / ".benchmarks/zomem/base.json").read_text()).measurements
+    assert measured.name.startswith("opt-tiny/mezo [fsdp x2]/sst2") and measured.seconds > 0
+
+
 def test_an_unknown_name_stops_the_run_before_anything_is_built(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_cell(zomem_cell):\n    pass\n")
     result = pytester.runpytest(*TINY, "--zomem-optimizers", "meso")
