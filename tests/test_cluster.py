@@ -141,6 +141,7 @@ def test_an_interrupted_concurrent_sweep_kills_the_cells_in_flight_and_keeps_the
             child = multiprocessing.get_context("spawn").Process(target=time.sleep, args=(60,),
                                                                  name=harness.CELL_PROCESS)
             child.start()
+            harness._running.add(child)  # as the harness keeps each child it starts, for kill_cells
             children.append(child)
             started.set()
             child.join()

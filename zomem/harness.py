@@ -55,11 +55,14 @@ def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 #: what the fork server imports before it forks any child
 PRELOAD = ["torch", "transformers", "zomem.measure"]
-#: the name of every measuring child (:func:`kill_cells` finds them by it)
+#: the name of every measuring child
 CELL_PROCESS = "zomem-cell"
-#: starting a child swaps this process's environment and main module for a moment: one thread at a time (a sweep of
-#: several jobs starts cells from several threads)
-_starting = threading.Lock()
+#: Held to start, reap or kill a child, one thread at a time (a sweep of several jobs runs cells from several threads):
+#: starting one swaps this process's environment and main module for a moment, and starting or reaping one reads the
+#: exit status of every ended child from its fork-server pipe, which two readers at once can lose (it then reads 255).
+_children_lock = threading.Lock()
+#: the measuring children running now, for :func:`kill_cells`
+_running: set[multiprocessing.process.BaseProcess] = set()
 
 
 def _fork_server() -> multiprocessing.context.ForkServerContext:
@@ -99,10 +102,10 @@ class _Process:
     process: multiprocessing.process.BaseProcess | None = None
     #: whether this process killed it (its peer failed, or time ran out)
     killed: bool = False
-
-    @property
-    def code(self) -> int | None:
-        return self.process.exitcode if self.process else None
+    #: its exit code, once reaped
+    code: int | None = None
+    #: when it was reaped, in the order the cell's children were (None: not yet)
+    ended: int | None = None
 
     @property
     def failed(self) -> bool:
@@ -112,8 +115,21 @@ class _Process:
 
     @property
     def reported(self) -> bool:
-        """Wrote a record of its own failure (out of memory, say)."""
-        return self.result.exists() and json.loads(self.result.read_text()).get("status") != "ok"
+        """Wrote a record of its own failure (out of memory, say); a record cut short by a kill is not one."""
+        try:
+            return json.loads(self.result.read_text()).get("status") != "ok"
+        except (OSError, ValueError):
+            return False
+
+    def reap(self, order: int, *, kill: bool = False) -> None:
+        """Wait for it to end (killing it first, if asked) and keep its exit code."""
+        with _children_lock:
+            if kill:
+                self.process.kill()
+                self.killed = True
+            self.process.join()
+            _running.discard(self.process)
+            self.code, self.ended = self.process.exitcode, order
 
     def tail(self, chars: int | None = STDERR_TAIL) -> str:
         """The end of what it said on stderr (all of it, for ``chars=None``)."""
@@ -126,38 +142,41 @@ def _run_children(cell_path: Path, children: list[_Process], timeout: float | No
     process is interrupted; then kill any left, so no rank outlives the cell. Returns the child whose failure ended
     the cell (None when all ended well): one that recorded its own failure, else one not killed here, since a rank's
     peers crash in their collectives once it is gone. Raises TimeoutError when time ran out."""
-    with _starting:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    running: dict[int, _Process] = {}
+    reaped = 0
+    try:
         server = _fork_server()
         for c in children:
-            c.process = server.Process(target=child, name=CELL_PROCESS, args=(
-                str(cell_path), str(c.result), str(c.stderr), _child_env(c.env), forkserver._forkserver._forkserver_pid))
-            with _bare_main():
-                c.process.start()
-    deadline = None if timeout is None else time.monotonic() + timeout
-    running = {c.process.sentinel: c for c in children}
-    try:
+            with _children_lock:
+                c.process = server.Process(target=child, name=CELL_PROCESS, args=(
+                    str(cell_path), str(c.result), str(c.stderr), _child_env(c.env),
+                    forkserver._forkserver._forkserver_pid))
+                with _bare_main():
+                    c.process.start()
+                _running.add(c.process)
+            running[c.process.sentinel] = c
         while running:
             left = None if deadline is None else max(deadline - time.monotonic(), 0)
             ended = multiprocessing.connection.wait(list(running), left)
             if not ended:
                 raise TimeoutError(f"timed out after {timeout} s")
             for sentinel in ended:
-                running.pop(sentinel).process.join()
-            if any(c.failed for c in children if c.code is not None):
+                running.pop(sentinel).reap(reaped)
+                reaped += 1
+            if any(c.failed for c in children if c.ended is not None):
                 break
     finally:
         for c in running.values():  # a failed rank's peers wait in a collective that will never complete
-            c.process.kill()
-            c.process.join()
-            c.killed = True
-    failed = [c for c in children if c.failed]
+            c.reap(reaped, kill=True)
+    failed = sorted((c for c in children if c.failed), key=lambda c: c.ended)
     return next((c for c in failed if c.reported), next((c for c in failed if not c.killed), None))
 
 
 def kill_cells() -> None:
     """Kill every measuring child this process has running (the threads waiting on them then record their end)."""
-    for process in multiprocessing.active_children():
-        if process.name == CELL_PROCESS:
+    with _children_lock:
+        for process in _running:
             process.kill()
 
 
@@ -216,12 +235,12 @@ def run_cell(cell: Cell, out: str | Path | None = None, timeout: float | None = 
     return record
 
 
-def _tails(children: list[_Process]) -> str:
-    """The tail of each child's stderr (of each rank's, named, for a cell of several)."""
+def _tails(children: list[_Process], but: _Process | None = None) -> str:
+    """The tail of each child's stderr (of each rank's but ``but``'s, named, for a cell of several)."""
     if len(children) == 1:
-        return children[0].tail()
+        return "" if but is not None else children[0].tail()
     each = STDERR_TAIL // len(children)
-    return "\n".join(f"--- rank {r} ---\n{c.tail(each)}" for r, c in enumerate(children))
+    return "\n".join(f"--- rank {r} ---\n{c.tail(each)}" for r, c in enumerate(children) if c is not but)
 
 
 def _with_peers(text: str, children: list[_Process], ended: _Process) -> str:
@@ -229,9 +248,7 @@ def _with_peers(text: str, children: list[_Process], ended: _Process) -> str:
     tails."""
     if len(children) == 1:
         return text
-    rank = children.index(ended)
-    peers = [f"--- rank {r} ---\n{c.tail(STDERR_TAIL // len(children))}" for r, c in enumerate(children) if c is not ended]
-    return "\n".join([f"rank {rank} of {len(children)}: {text}", *peers])
+    return f"rank {children.index(ended)} of {len(children)}: {text}\n{_tails(children, but=ended)}"
 
 
 def failed(cell: Cell, returncode: int, stderr: str) -> Record:

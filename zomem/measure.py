@@ -357,7 +357,7 @@ def main(cell_path: str, result_path: str) -> int:
     """Read the cell, measure it, write the record (an ``oom`` record on out of memory) and, for a timeline cell,
     its timeline beside it. Of a cell's several ranks, rank 0 writes the record, and any rank its failure."""
     cell = Cell.from_json(Path(cell_path).read_text())
-    rank = int(os.environ["RANK"]) if cell.strategy in ranks.SPAWNED else 0
+    rank = ranks.Rank.from_env().rank if cell.strategy in ranks.SPAWNED else 0
     try:
         record = measure(cell, Path(result_path).with_name(TIMELINE_FILE))
     except optim.PackageUnavailable as exc:  # the method is registered, and its cells say why they cannot run here
@@ -367,8 +367,12 @@ def main(cell_path: str, result_path: str) -> int:
             raise
         record = record_for(cell, status="oom", error=f"{type(exc).__name__}: {str(exc).splitlines()[0]}")
     if rank == 0 or record.status != "ok":
-        Path(result_path).write_text(record.to_json())
-    ranks.leave()
+        # whole or not at all: the harness may kill a failed rank's peers as they write theirs
+        partial = Path(result_path).with_suffix(".partial")
+        partial.write_text(record.to_json())
+        os.replace(partial, result_path)
+    if record.status == "ok":  # a failed rank leaves at once: its peers wait in a collective, and leaving may too
+        ranks.leave()
     return 0
 
 
