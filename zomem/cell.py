@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import torch
 
-from zomem import models, optim, ranks, workloads
+from zomem import models, optim, strategies, workloads
 from zomem.errors import UsageError
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -60,6 +60,12 @@ def check_bfloat16(dtype: str, capability: tuple[int, int], gpu: str) -> None:
     if dtype == "bfloat16" and tuple(capability) < BFLOAT16_CAPABILITY:
         raise UsageError(f"bfloat16 needs a GPU of compute capability {'.'.join(map(str, BFLOAT16_CAPABILITY))} or "
                          f"newer; {gpu} is {'.'.join(map(str, capability))}: use --dtype float16 or float32")
+
+
+def check_gpus(device: str, gpus: int) -> None:
+    """Refuse a cell of more GPUs than this process sees (counted through NVML where it can)."""
+    if device.startswith("cuda") and gpus > 1 and torch.cuda.device_count() < gpus:
+        raise UsageError(f"a cell of {gpus} ranks needs {gpus} GPUs; {torch.cuda.device_count()} are visible")
 
 
 def check_dtype_on(device: str, dtype: str, nvml: Any = None) -> None:
@@ -135,7 +141,7 @@ class Cell:
     checkpointing: bool = False
     #: processes the cell runs as, one per device (on CPU, ranks share the machine's cores)
     ranks: int = 1
-    #: how ranks share the model (:data:`zomem.ranks.STRATEGIES`); None: one process holding everything (``fsdp``
+    #: how ranks share the model (:data:`zomem.strategies.STRATEGIES`); None: one process holding everything (``fsdp``
     #: when ``ranks`` > 1)
     strategy: str | None = None
 
@@ -163,8 +169,9 @@ class Cell:
         if self.warmup_batch is not None and self.warmup_batch < 1:
             raise UsageError(f"a warm-up batch needs at least one example (got warmup_batch={self.warmup_batch})")
         device = resolve_device(self.device)
-        strategy = self.strategy or ("fsdp" if self.ranks > 1 else None)
-        ranks.check(strategy, self.ranks, self.optimizer, device, self.tuning)
+        strategy = strategies.resolve(self.strategy, self.ranks)
+        strategies.check(strategy, self.ranks, self.optimizer, device, self.tuning)
+        check_gpus(device, self.ranks if strategy else 1)
         if self.timeline and strategy is not None:
             raise UsageError("a memory timeline tracks one process's step; run it on one device, without --strategy")
         check_dtype_on(device, self.dtype)

@@ -40,7 +40,8 @@ def environment(device: torch.device) -> dict[str, Any]:
     env: dict[str, Any] = {
         "python": platform.python_version(), "torch": torch.__version__,
         "transformers": transformers.__version__, "zomem": zomem.__version__, "git_commit": git_commit(),
-        "host": platform.node(), "cpu": cpu_name(), "cpu_count": torch.get_num_threads(), "gpu": None, "driver": None, "gpu_total_bytes": None,
+        "host": platform.node(), "cpu": cpu_name(), "cpu_count": torch.get_num_threads(), "gpu": None, "driver": None,
+        "gpu_total_bytes": None,
         # the harness freezes glibc's mmap threshold so CPU peaks are reproducible; say whether it was
         "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
     }

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from zomem import estimate, models, ranks
+from zomem import estimate, models, strategies
 from zomem.cell import Cell, nvml_query
 from zomem.errors import CellFailed, UsageError
 from zomem.hardware import GIB, HardwareRow
@@ -202,8 +202,8 @@ def gpu_cell(row: HardwareRow, template: Cell, device_total_bytes: int | None, g
     if device_total_bytes is not None and row.gpu.memory_bytes > device_total_bytes:
         raise UsageError(f"this GPU has {device_total_bytes / GIB:.1f} GiB and cannot emulate a "
                          f"{row.gpu.memory_gib:.1f} GiB {row.gpu.name}: use --predict")
-    strategy = template.strategy if row.count == template.ranks else ("fsdp" if row.count > 1 else None)
-    ranks.check(strategy, row.count, template.optimizer, template.device, template.tuning)
+    strategy = strategies.resolve(template.strategy if row.count > 1 else None, row.count)
+    strategies.check(strategy, row.count, template.optimizer, template.device, template.tuning)
     return dataclasses.replace(template, memory_cap_bytes=row.gpu.memory_bytes, ranks=row.count, strategy=strategy)
 
 

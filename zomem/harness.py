@@ -26,7 +26,7 @@ from multiprocessing import forkserver
 from pathlib import Path
 
 import zomem
-from zomem import ranks, records
+from zomem import ranks, records, strategies
 from zomem.cell import Cell
 from zomem.measure import STDERR_TAIL, child, record_for
 from zomem.probes import WARNING
@@ -205,7 +205,7 @@ def run_cell(cell: Cell, out: str | Path | None = None, timeout: float | None = 
     with tempfile.TemporaryDirectory(prefix="zomem-cell-") as tmp:
         cell_path = Path(tmp, "cell.json")
         cell_path.write_text(cell.to_json())
-        if cell.strategy in ranks.SPAWNED:  # one child per rank, a process group of even one
+        if cell.strategy in strategies.SPAWNED:  # one child per rank, a process group of even one
             children = [_Process(Path(tmp, f"record.{r}.json"), Path(tmp, f"stderr.{r}"),
                                  {**(env or {}), **ranks.Rank.env(r, cell.ranks, f"file://{tmp}/rendezvous")})
                         for r in range(cell.ranks)]

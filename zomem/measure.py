@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from zomem import memtrack, models, optim, probes, ranks, shards, workloads
+from zomem import memtrack, models, optim, probes, ranks, shards, strategies, workloads
 from zomem.closure import Phases, Precision, autocast_cache_bytes, make_closure, precision_for
 from zomem.environment import environment, json_safe
 from zomem.cell import Cell, check_bfloat16
@@ -217,7 +217,7 @@ def cap_allocator(card_bytes: int, memory: dict[str, int], device: torch.device)
 def prepare(cell: Cell) -> Prepared:
     """Take the baseline readings, then build the model, batch, optimizer and closure of ``cell`` here (a rank's
     share of them, for a cell run as several ranks)."""
-    rank = ranks.Rank.from_env() if cell.strategy in ranks.SPAWNED else None
+    rank = ranks.Rank.from_env() if cell.strategy in strategies.SPAWNED else None
     device = ranks.device(cell.device, rank) if rank else torch_device(cell.device)
     workload = workloads.get(cell.workload)
     # The packages the optimizer and the tuning mode need are loaded first: their libraries belong to the process
@@ -357,7 +357,7 @@ def main(cell_path: str, result_path: str) -> int:
     """Read the cell, measure it, write the record (an ``oom`` record on out of memory) and, for a timeline cell,
     its timeline beside it. Of a cell's several ranks, rank 0 writes the record, and any rank its failure."""
     cell = Cell.from_json(Path(cell_path).read_text())
-    rank = ranks.Rank.from_env().rank if cell.strategy in ranks.SPAWNED else 0
+    rank = ranks.Rank.from_env().rank if cell.strategy in strategies.SPAWNED else 0
     try:
         record = measure(cell, Path(result_path).with_name(TIMELINE_FILE))
     except optim.PackageUnavailable as exc:  # the method is registered, and its cells say why they cannot run here

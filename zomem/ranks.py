@@ -1,7 +1,7 @@
 """The rank side of a cell run as several processes: the process group, how the ranks share the model, each rank's
 slice of the batch, and the one thing a zeroth-order method must agree on across ranks, its losses.
 
-Strategies (:data:`STRATEGIES`):
+Strategies (:data:`zomem.strategies.STRATEGIES`):
 
 - ``fsdp``: FSDP2 (``fully_shard``) per decoder layer and at the root. Each rank keeps a shard of every weight (and of
   a first-order method's gradients and state); a zeroth-order method perturbs and updates its shards in place.
@@ -28,40 +28,13 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from zomem import models, optim, workloads
+from zomem import models, workloads
 from zomem.errors import UsageError
 
-STRATEGIES = ("fsdp", "replicate", "pipeline")
-#: the strategies whose ranks are processes (pipeline's are GPUs of one process)
-SPAWNED = ("fsdp", "replicate")
 #: where the ranks of a cell meet (a ``file://`` URL the harness makes in the cell's folder)
 RENDEZVOUS = "ZOMEM_RENDEZVOUS"
 #: how long a rank waits for the others in a collective before it gives up (the harness's timeout usually ends it first)
 COLLECTIVE_TIMEOUT = datetime.timedelta(minutes=30)
-
-
-def check(strategy: str | None, ranks: int, optimizer: str, device: str, tuning: str) -> None:
-    """Refuse a strategy this cell cannot run, before anything is built (None: one process, one device)."""
-    if ranks < 1:
-        raise UsageError(f"need ranks >= 1 (got {ranks})")
-    if strategy is None:
-        return
-    if strategy not in STRATEGIES:
-        raise UsageError(f"unknown strategy {strategy!r}. Valid: {', '.join(STRATEGIES)}")
-    cls = optim.get(optimizer)
-    if strategy == "pipeline":
-        if not device.startswith("cuda"):
-            raise UsageError("the pipeline strategy places layers over several GPUs of one process (CUDA only); "
-                             f"on CPU, predict it: zomem estimate --device cuda --gpus {ranks}")
-        return
-    if tuning != "full":
-        raise UsageError(f"--strategy {strategy} runs full fine-tuning; --tuning {tuning} runs on one device")
-    if strategy == "replicate" and not optim.forward_only(cls):
-        raise UsageError(f"replicate keeps a whole model per rank with no gradient exchange: zeroth-order methods "
-                         f"only; {optimizer} needs backprop (use --strategy fsdp)")
-    if strategy == "fsdp" and not optim.shardable(cls):
-        raise UsageError(f"{optimizer} cannot run on FSDP shards (it builds its update from whole tensors, or wraps "
-                         "an optimizer that does): use --strategy replicate for a zeroth-order method, or one rank")
 
 
 @dataclass(frozen=True)
@@ -84,8 +57,11 @@ class Rank:
 
 
 def device(name: str, rank: Rank) -> torch.device:
-    """The device a rank runs on: its own GPU (by local rank) on CUDA; on CPU the shared CPU."""
-    return torch.device("cuda", rank.local) if name.startswith("cuda") else torch.device("cpu")
+    """The device a rank runs on: its own GPU on CUDA (by local rank; a lone rank's the one ``name`` gives); on CPU
+    the shared CPU."""
+    if not name.startswith("cuda"):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.device(name).index or 0) if rank.world == 1 else torch.device("cuda", rank.local)
 
 
 def join(device: torch.device, rank: Rank) -> None:

@@ -7,7 +7,7 @@ import json
 
 from tabulate import tabulate
 
-from zomem import estimate, models, ranks
+from zomem import estimate, models, strategies
 from zomem.cli.options import parse_hparam
 from zomem.estimate import Estimate
 from zomem.hardware import GIB
@@ -35,7 +35,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         help="what is trained: every parameter (default), LoRA adapters or a prefix (one device)")
     parser.add_argument("--gpus", type=int, default=1,
                         help="GPUs the model is spread over, or ranks on CPU (default: 1)")
-    parser.add_argument("--strategy", default=None, choices=list(ranks.STRATEGIES),
+    parser.add_argument("--strategy", default=None, choices=list(strategies.STRATEGIES),
                         help="how the devices share the model (default: fsdp for first-order methods and on CPU, "
                         "pipeline for forward-only methods on GPUs)")
     parser.add_argument("--device", default="cuda", choices=list(estimate.DEVICE_KINDS),

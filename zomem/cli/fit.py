@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from zomem import fit, hardware, models, ranks, sweep
+from zomem import fit, hardware, models, strategies, sweep
 from zomem.cell import resolve_device
 from zomem.errors import UsageError
 from zomem.fit import Fit
@@ -54,7 +54,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--ranks", type=int, default=1, metavar="N",
                         help="--measure on CPU: run each trial as N ranks, each held to --budget (on GPUs a row's "
                         "count of cards sets the ranks)")
-    parser.add_argument("--strategy", default=None, choices=list(ranks.STRATEGIES),
+    parser.add_argument("--strategy", default=None, choices=list(strategies.STRATEGIES),
                         help="how a trial's ranks share the model (default: fsdp)")
     parser.add_argument("--records", type=Path, default=DEFAULT_RECORDS,
                         help=f"where --measure appends the records of its trials (default: {DEFAULT_RECORDS})")

@@ -8,7 +8,7 @@ from typing import Any
 
 from zomem.cell import PRECISIONS
 from zomem.models import DTYPES, TUNINGS
-from zomem.ranks import STRATEGIES
+from zomem.strategies import STRATEGIES
 
 
 def parse_hparam(text: str) -> tuple[str, Any]:

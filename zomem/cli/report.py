@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from zomem import calibrate, cluster, fit, hardware, models, optim, records, report, sweep, tables
+from zomem import calibrate, cluster, fit, hardware, models, optim, records, report, strategies, sweep, tables
 from zomem.cell import DEVICES, Cell, resolve_device
 from zomem.cli.options import add_cell_options
 from zomem.cli.trajectories import positive_int
@@ -127,7 +127,7 @@ def settings(args: argparse.Namespace, device: str | None = None) -> sweep.Setti
                           steps=chosen["steps"],
                           warmup=args.warmup, warmup_batch=chosen["warmup_batch"], hparams=dict(args.hparam),
                           timeout=args.timeout, checkpointing=args.checkpointing, ranks=args.ranks,
-                          strategy=args.strategy or ("fsdp" if args.ranks > 1 else None))
+                          strategy=strategies.resolve(args.strategy, args.ranks))
 
 
 def main(args: argparse.Namespace) -> int:

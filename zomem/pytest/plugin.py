@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from zomem import compare
+from zomem.strategies import STRATEGIES
 from zomem.pytest import marks
 from zomem.pytest.fixture import ZomemFixture
 from zomem.pytest.session import ZomemSession
@@ -77,7 +78,7 @@ def add_grid_options(addoption: Callable[..., Any]) -> None:
               help="gradient checkpointing for the grid's first-order methods (layers recompute activations)")
     addoption("--zomem-ranks", type=parse_rounds, default=1, metavar="N",
               help="run each cell as N processes, one per device (default: 1); their step is timed by rank 0")
-    addoption("--zomem-strategy", default=None, choices=["fsdp", "replicate", "pipeline"],
+    addoption("--zomem-strategy", default=None, choices=list(STRATEGIES),
               help="how the ranks share the model (default: fsdp with --zomem-ranks above 1)")
     addoption("--zomem-optimizers", type=parse_names, default=None, metavar="NAMES",
               help="comma-separated optimizers (default: every registered one the model's positions take)")
