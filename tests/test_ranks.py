@@ -157,4 +157,4 @@ def test_a_report_of_two_rank_cells_shows_each_ranks_peak(tmp_path: Path) -> Non
     index = (out / "index.md").read_text()
     assert "Each cell ran as 2 ranks sharing the model by `fsdp`" in index
     peaks = " / ".join(f"{p['cpu_hwm'] / 2**20:,.0f}" for p in record.rank_peak_bytes)
-    assert f"| mezo [fsdp x2] | sst2       | {peaks}" in (out / "rank_peaks.md").read_text()
+    assert f"| mezo [fsdp x2] | sst2       | `cpu_hwm` | {peaks}" in (out / "rank_peaks.md").read_text()

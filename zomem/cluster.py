@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import fcntl
 import itertools
-import json
 import operator
 import os
 from collections.abc import Callable, Hashable, Iterator, Sequence
@@ -20,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from zomem import records
+from zomem import fit, records
 from zomem.cell import Cell
 from zomem.errors import UsageError
-from zomem.records import Record, RecordsError
+from zomem.records import Record
 from zomem.sweep import Settings
 
 if TYPE_CHECKING:
@@ -101,7 +100,7 @@ class Merged:
     """Several report folders as one: their records and measured fits, and how many records each folder gave."""
 
     records: list[Record]
-    fits: list[dict[str, Any]]
+    fits: list[fit.Fit]
     sources: dict[Path, int]
 
 
@@ -112,14 +111,14 @@ def merge(folders: Sequence[Path]) -> Merged:
     cell's finished records must be identical (kept once), and an ``error`` gives way to a finished record (a retried
     cell); two different finished records of a cell are refused, naming the cell and both folders."""
     found: list[tuple[Path, list[Record]]] = []
-    fits: list[tuple[Path, list[dict[str, Any]]]] = []
+    fits: list[tuple[Path, list[fit.Fit]]] = []
     for folder in folders:
         path = folder / "records.jsonl"
         if not path.exists():
             raise UsageError(f"{folder} holds no records.jsonl: name report folders (a shard whose job has not run yet "
                              "has none)")
         found.append((folder, _latest(records.read(path), lambda r: r.key)))
-        fits.append((folder, _latest(_read_fits(folder / "fits.jsonl"), _fit_key)))
+        fits.append((folder, _latest(fit.read_all(folder / "fits.jsonl"), _fit_key)))
     if not any(items for _, items in found):
         raise UsageError(f"{', '.join(map(str, folders))}: no records to merge")
     return Merged(records=_union(found, lambda r: r.key, _record_replaces, _records_differ, _describe_record),
@@ -165,25 +164,12 @@ def _describe_record(record: Record) -> str:
     return f"cell {model} {method} {workload} ({tuning}, {dtype}, {device})"
 
 
-def _read_fits(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    fits = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if line.strip():
-            try:
-                fits.append(json.loads(line))
-            except ValueError as exc:
-                raise RecordsError(f"{path}:{number}: corrupt fit: {exc}") from exc
-    return fits
+def _fit_key(found: fit.Fit) -> Hashable:
+    return found.hardware, found.method, found.workload, found.dtype
 
 
-def _fit_key(fit: dict[str, Any]) -> Hashable:
-    return tuple(fit.get(name) for name in ("hardware", "optimizer", "checkpointing", "workload", "dtype"))
-
-
-def _describe_fit(fit: dict[str, Any]) -> str:
-    return f"the largest fit of {fit.get('optimizer')} on {fit.get('hardware')} ({fit.get('workload')})"
+def _describe_fit(found: fit.Fit) -> str:
+    return f"the largest fit of {found.method} on {found.hardware} ({found.workload})"
 
 
 def write_merged(folder: Path, merged: Merged) -> None:
@@ -192,7 +178,9 @@ def write_merged(folder: Path, merged: Merged) -> None:
     records.write(folder / "records.jsonl", merged.records)
     if merged.fits:
         path = folder / "fits.jsonl"
-        path.write_text("".join(json.dumps(fit) + "\n" for fit in merged.fits), encoding="utf-8")
+        path.unlink(missing_ok=True)
+        for found in merged.fits:
+            fit.append(path, found)
 
 
 #: the settings every merged record must share, as a report shows one sweep's settings

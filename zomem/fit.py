@@ -87,9 +87,10 @@ def search(n: int, fits: Callable[[int], bool], first: int | None = None) -> int
 
 def predict(row: HardwareRow, optimizer: str, workload: str = DEFAULT_WORKLOAD, dtype: str = DEFAULT_DTYPE, *,
             ladder: Sequence[str] = DEFAULT_LADDER, precision: str | None = None,
-            calibration: estimate.Calibration | None = None, checkpointing: bool = False) -> Fit:
+            calibration: estimate.Calibration | None = None, checkpointing: bool = False,
+            strategy: str | None = None) -> Fit:
     """The largest ladder model whose predicted per-GPU peak fits ``row``'s GPUs (with gradient checkpointing, if
-    asked)."""
+    asked; spread over them as ``strategy`` says, by default as :func:`zomem.estimate.default_strategy` does)."""
     calibration = calibration or estimate.Calibration.load("cuda")
     capacity = row.gpu.memory_bytes
     trials: dict[int, Trial] = {}
@@ -97,7 +98,7 @@ def predict(row: HardwareRow, optimizer: str, workload: str = DEFAULT_WORKLOAD, 
     def fits(i: int) -> bool:
         e = estimate.estimate(ladder[i], optimizer, workload, dtype, gpus=row.count, device="cuda",
                               precision=precision, calibration=calibration, capacity_bytes=capacity,
-                              checkpointing=checkpointing)
+                              checkpointing=checkpointing, strategy=strategy if row.count > 1 else None)
         ok = e.peak_bytes <= capacity and not e.offloaded
         detail = {"per_gpu": dataclasses.asdict(e.worst), "placement": e.placement}
         if e.offloaded:
@@ -214,23 +215,27 @@ def append(path: Path, result: Fit) -> None:
         f.write(json.dumps(result.as_dict()) + "\n")
 
 
-def read(path: Path, workload: str, dtype: str) -> list[Fit]:
-    """The fits in ``path`` (if it exists) made for ``workload`` and ``dtype``: the latest per hardware and
-    optimizer (checkpointed or not)."""
+def read_all(path: Path) -> list[Fit]:
+    """Every fit in ``path`` (none if it does not exist), in file order; a corrupt line names its number."""
     if not path.exists():
         return []
-    latest: dict[tuple[str, str], Fit] = {}
+    found = []
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         if not line.strip():
             continue
         try:
             data = json.loads(line)
             data["trials"] = [Trial(**t) for t in data["trials"]]
-            result = Fit(**data)
+            found.append(Fit(**data))
         except (ValueError, TypeError, KeyError) as exc:
             raise RecordsError(f"{path}:{number}: corrupt fit: {exc}") from exc
-        if (result.workload, result.dtype) == (workload, dtype):
-            latest[(result.hardware, result.method)] = result
+    return found
+
+
+def read(path: Path, workload: str, dtype: str) -> list[Fit]:
+    """The fits in ``path`` (if it exists) made for ``workload`` and ``dtype``: the latest per hardware and
+    optimizer (checkpointed or not)."""
+    latest = {(f.hardware, f.method): f for f in read_all(path) if (f.workload, f.dtype) == (workload, dtype)}
     return list(latest.values())
 
 

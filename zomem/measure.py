@@ -221,7 +221,7 @@ def prepare(cell: Cell) -> Prepared:
     device = ranks.device(cell.device, rank) if rank else torch_device(cell.device)
     workload = workloads.get(cell.workload)
     # The packages the optimizer and the tuning mode need are loaded first: their libraries belong to the process
-    # floor, as torch's do; so does the process group.
+    # floor, as torch's do; so does a gloo process group (NCCL makes its buffers at the first collective, in the peak).
     optim.load_package(cell.optimizer, cell.hparams)
     models.load_tuning(cell.tuning)
     if rank:
@@ -247,7 +247,7 @@ def prepare(cell: Cell) -> Prepared:
     if cell.strategy == "fsdp":
         model = ranks.sharded(models.spec(cell.model), device, models.dtype(cell.param_dtype), rank)
     elif cell.strategy == "pipeline":
-        model = ranks.pipelined(cell.model, models.dtype(cell.param_dtype), cell.ranks)
+        model = ranks.pipelined(cell.model, models.dtype(cell.param_dtype), cell.ranks, memory.get("cap"))
     else:
         model = models.apply_tuning(models.build(cell.model, device, models.dtype(cell.param_dtype)), cell.tuning)
     if cell.checkpointing:

@@ -99,21 +99,23 @@ def sharded(spec: models.ModelSpec, device: torch.device, dtype: torch.dtype, ra
         for name, buffer in model.named_buffers():
             buffer.copy_(buffers[name])
     models.fill(model, models.INIT_SEED)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # fill drew each whole matrix once: its block must not stay reserved in the peak
     return model.eval()
 
 
-def pipelined(name: str, dtype: torch.dtype, gpus: int) -> nn.Module:
+def pipelined(name: str, dtype: torch.dtype, gpus: int, cap: int | None = None) -> nn.Module:
     """The model built in host memory and dispatched over the first ``gpus`` GPUs by accelerate's balanced device
-    map, each decoder layer whole on one GPU: how the MeZO code runs its largest models."""
+    map, each decoder layer whole on one GPU (how the MeZO code runs its largest models); with a ``cap``, every GPU
+    is held to it, as the first one already is."""
     from accelerate import dispatch_model
 
-    from zomem.estimate import placement
-
-    if torch.cuda.device_count() < gpus:
-        raise UsageError(f"the pipeline strategy needs {gpus} GPUs; {torch.cuda.device_count()} are visible")
-    budgets = tuple(torch.cuda.get_device_properties(i).total_memory for i in range(gpus))
-    device_map = placement.device_map(name, str(dtype).removeprefix("torch."), budgets)
-    return dispatch_model(models.build(name, "cpu", dtype), device_map)
+    totals = [torch.cuda.mem_get_info(i)[1] for i in range(gpus)]
+    if cap is not None:
+        for i in range(1, gpus):
+            torch.cuda.set_per_process_memory_fraction(min(cap / totals[i], 1.0), i)
+    model = models.build(name, "cpu", dtype)
+    return dispatch_model(model, models.balanced_map(model, dtype, tuple(cap or total for total in totals)))
 
 
 def reset_gpu_peaks(gpus: int) -> None:

@@ -181,18 +181,21 @@ def rank_peaks(records: Sequence[Record]) -> Table:
         if r.status != "ok" or not r.rank_peak_bytes:
             continue
         probe, b = primary_probe(r), r.breakdown
-        peaks = [p[probe] for p in r.rank_peak_bytes if probe in p]
-        rows.append([*_row_label(r.model, r.method, several), r.workload,
+        if not all(probe in p for p in r.rank_peak_bytes):
+            probe = "torch_reserved"  # a pipelined cell's GPUs, read from the allocator alone
+        peaks = [p[probe] for p in r.rank_peak_bytes]
+        rows.append([*_row_label(r.model, r.method, several), r.workload, f"`{probe}`",
                      " / ".join(f"{peak / MIB:,.0f}" for peak in peaks), f"{b['weights'] / MIB:,.1f}",
                      f"{b['optimizer_state'] / MIB:,.1f}", f"{b['gradients'] / MIB:,.1f}",
                      f"{b['transient'] / MIB:,.1f}"])
         long += [[r.model, r.optimizer, r.strategy, r.ranks, r.workload, rank, probe, peak]
                  for rank, peak in enumerate(peaks)]
-    notes = ["Peaks per rank, rank 0 first, from each rank's own process (a cell's peak is the most any rank "
-             "reached); weights, optimizer state, gradients and transient are those of the most loaded rank, its own "
+    notes = ["Peaks per rank, rank 0 first, from each rank's own process, or for a pipelined cell each GPU's "
+             "allocator (a cell's peak is the most any rank reached); weights, optimizer state, gradients and "
+             "transient are those of the most loaded rank, its own "
              "shards under fsdp. Transient as in the memory breakdown."]
     return Table("rank_peaks", "Cells of several ranks, MiB",
-                 [*(["model"] if several else []), "optimizer", "workload", "peak per rank", "weights",
+                 [*(["model"] if several else []), "optimizer", "workload", "probe", "peak per rank", "weights",
                   "optimizer state", "gradients", "transient"], rows,
                  ["model", "optimizer", "strategy", "ranks", "workload", "rank", "probe", "peak_bytes"], long, notes)
 

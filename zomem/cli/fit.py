@@ -90,12 +90,13 @@ def compute(args: argparse.Namespace) -> list[Fit]:
                 for t in templates]
     if args.budget is not None:
         raise UsageError("--budget is for CPU; on a GPU each --hardware card is emulated with a memory cap")
-    total, gpus = fit.gpu_total_bytes(device), torch.cuda.device_count()  # counted through NVML, CUDA left alone
+    total, gpus = fit.gpu_total_bytes(device), torch.cuda.device_count()  # through NVML where it can
     rows = [hardware.parse_row(text) for text in args.hardware] if args.hardware else emulable(total, gpus)
     cells = [(row, fit.gpu_cell(row, t, total, gpus)) for t in templates for row in rows]
     return [fit.measure(cell, row.gpu.memory_bytes, row.name, run, ladder=args.models,
                         guess=fit.predict(row, cell.optimizer, args.workload, args.dtype, ladder=args.models,
-                                          precision=cell.precision, checkpointing=cell.checkpointing).answer)
+                                          precision=cell.precision, checkpointing=cell.checkpointing,
+                                          strategy=cell.strategy).answer)
             for row, cell in cells]
 
 

@@ -22,6 +22,20 @@ def parse_hparam(text: str) -> tuple[str, Any]:
         return key, value
 
 
+def whole_number(text: str) -> int:
+    """A whole number, 0 or more."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def positive_int(text: str) -> int:
+    """A whole number, at least 1."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def add_cell_options(parser: argparse.ArgumentParser, *, steps: int | None = 3, steps_help: str | None = None) -> None:
     """Options that shape how each cell runs: device, dtype, precision, tuning, checkpointing, ranks and strategy,
     steps, hyper-parameters.
@@ -36,7 +50,7 @@ def add_cell_options(parser: argparse.ArgumentParser, *, steps: int | None = 3, 
     parser.add_argument("--checkpointing", action="store_true",
                         help="gradient checkpointing (first-order methods): each decoder layer recomputes its "
                         "activations in backward instead of keeping them")
-    parser.add_argument("--ranks", type=int, default=1, metavar="N",
+    parser.add_argument("--ranks", type=positive_int, default=1, metavar="N",
                         help="run each cell as N processes, one per device (default: 1)")
     parser.add_argument("--strategy", default=None, choices=list(STRATEGIES),
                         help="how the ranks share the model: fsdp (shards; the default with --ranks > 1), replicate "

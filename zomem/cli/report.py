@@ -17,8 +17,7 @@ from tqdm import tqdm
 
 from zomem import calibrate, cluster, fit, hardware, models, optim, records, report, strategies, sweep, tables
 from zomem.cell import DEVICES, Cell, resolve_device
-from zomem.cli.options import add_cell_options
-from zomem.cli.trajectories import positive_int
+from zomem.cli.options import add_cell_options, positive_int, whole_number
 from zomem.errors import UsageError
 from zomem.estimate import Calibration
 from zomem.models import DTYPES
@@ -60,13 +59,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "every optimizer of the sweep) on the first model and workload")
     add_spreading_options(parser)
     parser.set_defaults(func=main)
-
-
-def whole_number(text: str) -> int:
-    """A whole number, 0 or more."""
-    if not text.isdigit():
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return int(text)
 
 
 def add_spreading_options(parser: argparse.ArgumentParser) -> None:

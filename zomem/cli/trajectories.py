@@ -8,16 +8,10 @@ from pathlib import Path
 from tabulate import tabulate
 
 from zomem import optim
+from zomem.cli.options import positive_int
 from zomem.trajectories import DEFAULT_OPTIMIZERS, DEFAULT_STEPS, NEIGHBOURHOOD, Path2D, draw, table_rows, trajectories
 
 DEFAULT_OUT = Path("out/trajectories")
-
-
-def positive_int(text: str) -> int:
-    """A whole number of steps, at least 1."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return int(text)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

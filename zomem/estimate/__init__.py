@@ -35,8 +35,8 @@ from zomem.optim.base import STATE_DTYPES, compute_dtype, resolve_block_size
 
 __all__ = ["CALIBRATION_DIR", "DEVICE_KINDS", "PRECISIONS", "PROBE", "SCALER_BYTES", "SHAPING_HPARAMS",
            "Calibration", "DevicePeak", "Estimate", "Linear", "Moment", "Shape", "Trace", "block_bytes", "decompose",
-           "default_strategy", "device_kind", "estimate", "meta_model", "peak_phase", "persistent_per_param", "resolve_precision",
-           "shape", "shaping", "trace"]
+           "default_strategy", "device_kind", "estimate", "meta_model", "peak_phase", "persistent_per_param",
+           "resolve_precision", "shape", "shaping", "trace"]
 
 PRECISIONS: tuple[Precision, ...] = ("pure", "mixed")
 #: a float16 gradient scaler's state: the scale, its growth tracker and one found-inf flag, 4 bytes each

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from zomem import models
+from zomem.models.device_map import balanced
 from zomem.estimate.counts import decoder_layers, meta_model
 from zomem.estimate.tracing import quiet
 
@@ -15,18 +15,9 @@ from zomem.estimate.tracing import quiet
 @functools.lru_cache(maxsize=256)
 def device_map(model: str, dtype: str, budgets: tuple[int, ...]) -> dict[str, int | str]:
     """accelerate's balanced device map of ``model`` over GPUs with these weight budgets (bytes)."""
-    from accelerate.utils import get_balanced_memory, infer_auto_device_map
-
-    meta, torch_dtype = meta_model(model), models.dtype(dtype)
-    # a decoder layer is never split across devices (it has a residual connection): each family names its class
-    no_split = list(getattr(meta, "_no_split_modules", None) or ())
     # Placing for GPUs that are not in this machine is the point; accelerate warns about each one.
-    # The NVML check keeps torch from initialising CUDA in this (parent) process.
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
     with quiet("accelerate.utils.modeling"):
-        max_memory = get_balanced_memory(meta, dict(enumerate(budgets)), no_split_module_classes=no_split,
-                                         dtype=torch_dtype)
-        return infer_auto_device_map(meta, max_memory, no_split_module_classes=no_split, dtype=torch_dtype)
+        return balanced(meta_model(model), models.dtype(dtype), budgets)
 
 
 def owner(placement: dict[str, int | str]) -> Callable[[str], int | str]:
