@@ -22,37 +22,38 @@ BLOCK = 1000
 SEED = 7
 
 
-def mezo_step(model: torch.nn.Module, workload: workloads.Workload, batch: workloads.Batch,
-              world: int = 1) -> None:
-    optimizer = optim.create("mezo", optim.decay_groups(model.named_parameters()), lr=1e-2, eps=1e-3, seed=SEED,
+def zo_step(name: str, model: torch.nn.Module, workload: workloads.Workload, batch: workloads.Batch,
+            world: int = 1) -> None:
+    optimizer = optim.create(name, optim.decay_groups(model.named_parameters()), lr=1e-2, eps=1e-3, seed=SEED,
                              block_size=BLOCK)
     closure, _ = make_closure(model, optimizer, workload, batch, Phases())
     optimizer.step(ranks.averaged(closure, world, model) if world > 1 else closure)
 
 
-def fsdp_rank(index: int, world: int, folder: str) -> None:
-    """One rank of a 2-rank FSDP MeZO step on opt-tiny in float64; rank 0 saves the whole parameters after it."""
+def fsdp_rank(index: int, world: int, folder: str, name: str) -> None:
+    """One rank of a 2-rank FSDP step on opt-tiny in float64; rank 0 saves the whole parameters after it."""
     rank = ranks.Rank(index, world, index)
     os.environ[ranks.RENDEZVOUS] = f"file://{folder}/rendezvous"
     ranks.join(torch.device("cpu"), rank)
     model = ranks.sharded(models.spec("opt-tiny"), torch.device("cpu"), torch.float64, rank)
     workload = workloads.get("sst2")
     mine, batch = ranks.split(workload, workloads.make_batch(workload, model.config.vocab_size), rank)
-    mezo_step(model, mine, batch, world)
+    zo_step(name, model, mine, batch, world)
     whole = {name: p.full_tensor() for name, p in model.named_parameters()}
     if index == 0:
         torch.save(whole, Path(folder, "params.pt"))
     dist.destroy_process_group()
 
 
-def test_two_fsdp_ranks_take_the_mezo_step_one_rank_takes_on_the_same_global_batch(tmp_path: Path) -> None:
-    mp.spawn(fsdp_rank, args=(2, str(tmp_path)), nprocs=2)
+@pytest.mark.parametrize("name", ["mezo", "zo-adam", "hizoo"])  # no state, two moments, a Hessian and 3 forwards
+def test_two_fsdp_ranks_take_the_step_one_rank_takes_on_the_same_global_batch(tmp_path: Path, name: str) -> None:
+    mp.spawn(fsdp_rank, args=(2, str(tmp_path), name), nprocs=2)
     sharded = torch.load(tmp_path / "params.pt")
 
     model = models.build(models.spec("opt-tiny"), "cpu", torch.float64)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     workload = workloads.get("sst2")
-    mezo_step(model, workload, workloads.make_batch(workload, model.config.vocab_size))
+    zo_step(name, model, workload, workloads.make_batch(workload, model.config.vocab_size))
     assert sharded.keys() == dict(model.named_parameters()).keys()
     for name, p in model.named_parameters():
         assert not torch.equal(p, before[name]) or p.ndim == 1, name  # the step moved every matrix
