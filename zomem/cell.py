@@ -26,11 +26,17 @@ def cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_device(device: str) -> str:
-    """``auto`` → ``cuda`` when a GPU is present, else ``cpu``; ``cuda`` without a GPU is refused."""
+def check_device_name(device: str) -> None:
+    """Refuse a name that is none of ``auto``, ``cpu``, ``cuda`` and ``cuda:N`` (whether it is here or not)."""
     base = device.split(":")[0]
     if base not in DEVICES or (base != "cuda" and ":" in device):
         raise UsageError(f"unknown device {device!r}. Valid: auto, cpu, cuda, cuda:N")
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` → ``cuda`` when a GPU is present, else ``cpu``; ``cuda`` without a GPU is refused."""
+    check_device_name(device)
+    base = device.split(":")[0]
     if base == "auto":
         return "cuda" if cuda_available() else "cpu"
     if base == "cuda" and not cuda_available():

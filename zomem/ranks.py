@@ -76,22 +76,16 @@ def leave() -> None:
         dist.destroy_process_group()
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The model's decoder layers: the modules transformers says must not be split across devices."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    layers = [m for m in model.modules() if type(m).__name__ in names]
-    if not layers:
-        raise UsageError(f"{type(model).__name__} names no decoder layer class (_no_split_modules) to shard by")
-    return layers
-
-
 def sharded(spec: models.ModelSpec, device: torch.device, dtype: torch.dtype, rank: Rank) -> nn.Module:
     """The model with FSDP2 over every decoder layer and at the root, built on the meta device and given storage
     for this rank's shards only; its weights are those :func:`zomem.models.build` gives the whole model."""
     model = models.build_meta(spec, dtype)
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}  # computed on CPU by build_meta
     mesh = init_device_mesh(device.type, (rank.world,))
-    for layer in decoder_layers(model):
+    layers = models.decoder_layers(model)
+    if not layers:
+        raise UsageError(f"{type(model).__name__} names no decoder layer class (_no_split_modules) to shard by")
+    for _, layer in layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
     model.to_empty(device=device)

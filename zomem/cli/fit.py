@@ -12,6 +12,7 @@ from tabulate import tabulate
 
 from zomem import fit, hardware, models, strategies, sweep
 from zomem.cell import resolve_device
+from zomem.cli.options import positive_int
 from zomem.errors import UsageError
 from zomem.fit import Fit
 from zomem.harness import run_cell
@@ -51,7 +52,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--budget", type=hardware.parse_bytes, default=None,
                         help="CPU memory budget for --measure, e.g. 2GiB (the peak of the whole process)")
     parser.add_argument("--device", default="auto", help="device for --measure: auto, cpu, cuda or cuda:N")
-    parser.add_argument("--ranks", type=int, default=1, metavar="N",
+    parser.add_argument("--ranks", type=positive_int, default=1, metavar="N",
                         help="--measure on CPU: run each trial as N ranks, each held to --budget (on GPUs a row's "
                         "count of cards sets the ranks)")
     parser.add_argument("--strategy", default=None, choices=list(strategies.STRATEGIES),

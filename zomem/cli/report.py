@@ -16,7 +16,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from zomem import calibrate, cluster, fit, hardware, models, optim, records, report, strategies, sweep, tables
-from zomem.cell import DEVICES, Cell, resolve_device
+from zomem.cell import Cell, check_device_name, resolve_device
 from zomem.cli.options import add_cell_options, positive_int, whole_number
 from zomem.errors import UsageError
 from zomem.estimate import Calibration
@@ -219,8 +219,7 @@ def submit(args: argparse.Namespace, started: float) -> int:
     # absolute: the jobs may start elsewhere
     args = argparse.Namespace(**{**vars(args), "out": args.out.resolve()})
     out, gpus = args.out, args.gpus_per_task or 0
-    if args.device.split(":")[0] not in DEVICES:
-        raise UsageError(f"unknown device {args.device!r}. Valid: auto, cpu, cuda, cuda:N")
+    check_device_name(args.device)  # not resolved: this machine (a login node) need not have the jobs' GPUs
     if args.device.startswith("cuda") and not gpus:
         raise UsageError(f"--device {args.device}, but the shard jobs get no GPU: add --gpus-per-task N")
     device = "cpu" if args.device == "cpu" or not gpus else "cuda" if args.device == "auto" else args.device

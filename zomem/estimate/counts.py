@@ -12,13 +12,6 @@ from zomem import models
 FLOAT32_BYTES = 4
 
 
-def decoder_layers(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The model's decoder layers with their names: the modules of the classes transformers keeps whole on one
-    device (``_no_split_modules``)."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
-    return [(name, m) for name, m in model.named_modules() if type(m).__name__ in names]
-
-
 @dataclass(frozen=True)
 class Shape:
     """What the estimator needs to know about a model's parameters."""
@@ -45,7 +38,7 @@ def meta_model(model: str, tuning: str = "full") -> torch.nn.Module:
 def shape(model: str, tuning: str = "full") -> Shape:
     """Parameter counts of ``model`` tuned as ``tuning``, tied weights counted once."""
     meta = meta_model(model, tuning)
-    layers = decoder_layers(meta_model(model))
+    layers = models.decoder_layers(meta_model(model))
     layer_params = models.param_count(layers[0][1]) if layers else 0
     params = models.param_count(meta)
     trained = [p for p in meta.parameters() if p.requires_grad]

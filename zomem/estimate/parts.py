@@ -46,7 +46,8 @@ class Estimate:
     gpus: int
     calibrated: bool
     devices: list[DevicePeak]
-    #: how the model is spread: "single device", "accelerate device map" or "FSDP full shard"
+    #: how the model is spread: "single device", "accelerate device map", "FSDP full shard" or "replicated, batch
+    #: split"
     placement: str
     #: modules accelerate could not place on the GPUs (offloaded to cpu or disk): the model does not fit
     offloaded: list[str] = field(default_factory=list)

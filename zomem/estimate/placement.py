@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from zomem import models
 from zomem.models.device_map import balanced
-from zomem.estimate.counts import decoder_layers, meta_model
+from zomem.estimate.counts import meta_model
 from zomem.estimate.tracing import quiet
 
 
@@ -54,7 +54,7 @@ def place(model: str, dtype: str, gpus: int, budgets: tuple[int, ...]) -> Placem
         if isinstance(where, int):
             params[where] += param.numel()
     meta = meta_model(model)
-    layers = {find(name) for name, _ in decoder_layers(meta)}
+    layers = {find(name) for name, _ in models.decoder_layers(meta)}
     head = next(name for name, m in meta.named_modules() if m is meta.get_output_embeddings())
     return Placement(params, layers, find(head),
                      [name for name, where in placement.items() if not isinstance(where, int)])

@@ -28,7 +28,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from zomem import models, workloads
-from zomem.estimate.counts import decoder_layers
 
 KINDS = ("other", "gradients", "casts")
 #: layers a trace runs (and one less): the first layer differs from the rest (its input is the embeddings'), so the
@@ -209,7 +208,7 @@ def _trace_once(spec: models.ModelSpec, layers: int, workload: workloads.Workloa
     known = weights | {_key(b) for b in model.buffers()} | {_key(t) for t in vars(batch).values()}
     tracker = _Tracker(known, weights)
     hooks = []
-    layers = [module for _, module in decoder_layers(model)]
+    layers = [module for _, module in models.decoder_layers(model)]
     for layer in layers:
         hooks.append(layer.register_forward_pre_hook(lambda *_: tracker.enter("layer")))
         hooks.append(layer.register_forward_hook(lambda *_: tracker.enter("outside")))

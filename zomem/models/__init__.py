@@ -15,6 +15,7 @@ from zomem.errors import UsageError
 from zomem.models import llama, local, opt, qwen
 from zomem.models.build import INIT_SEED, fill, materialise
 from zomem.models.device_map import balanced as balanced_map
+from zomem.models.device_map import decoder_layers
 from zomem.models.build import build as _build
 from zomem.models.build import build_meta as _build_meta
 from zomem.models.spec import ModelSpec
@@ -23,8 +24,8 @@ from zomem.models.tuning import (LORA_SETTINGS, PREFIX_TOKENS, TUNINGS, apply_tu
 from zomem.registry import Registry
 
 __all__ = ["DTYPES", "FAMILIES", "INIT_SEED", "LADDER", "LORA_SETTINGS", "MODELS", "PREFIX_TOKENS", "TEST_LADDER",
-           "TUNINGS", "ModelSpec", "apply_tuning", "balanced_map", "build", "build_meta", "dtype",
-           "enable_checkpointing", "fill", "ladder", "load_tuning", "materialise", "param_bytes", "param_count", "spec"]
+           "TUNINGS", "ModelSpec", "apply_tuning", "balanced_map", "build", "build_meta", "decoder_layers",
+           "dtype", "enable_checkpointing", "fill", "ladder", "load_tuning", "materialise", "param_bytes", "param_count", "spec"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
