@@ -155,6 +155,9 @@ def test_a_report_of_two_rank_cells_shows_each_ranks_peak(tmp_path: Path) -> Non
                 "--ranks", "2", "--hardware", "1xA100-80GB", "--out", str(out)]) == 0
     (record,) = records.read(out / "records.jsonl")
     assert (record.ranks, record.strategy, len(record.rank_peak_bytes)) == (2, "fsdp", 2)
+    # each rank's logits are those of its half of the batch
+    half = dataclasses.replace(workloads.get("sst2"), batch_size=workloads.get("sst2").batch_size // 2)
+    assert record.breakdown["logits"] == workloads.logits_bytes(half, models.spec("opt-tiny").vocab, torch.float32)
     index = (out / "index.md").read_text()
     assert "Each cell ran as 2 ranks sharing the model by `fsdp`" in index
     peaks = " / ".join(f"{p['cpu_hwm'] / 2**20:,.0f}" for p in record.rank_peak_bytes)

@@ -80,6 +80,8 @@ class Prepared:
     #: probe readings before the model was built
     baseline: dict[str, int]
     env: dict[str, Any]
+    #: the workload this process steps on: the cell's, or a rank's share of its batch
+    workload: workloads.Workload
     precision: Precision = Precision()
     #: CUDA: the card at the start and the allocator cap (see :func:`cuda_memory`)
     cuda_memory: dict[str, int] = dataclasses.field(default_factory=dict)
@@ -136,7 +138,7 @@ class Prepared:
             "autocast_cache": self.autocast_cache,
             "transient": peaks[probe] - floor - weights - state - gradients - self.autocast_cache,
             # of the transient, the logits a forward makes: with a large vocabulary the largest single tensor
-            "logits": workloads.logits_bytes(workloads.get(self.cell.workload), self.model.config.vocab_size,
+            "logits": workloads.logits_bytes(self.workload, self.model.config.vocab_size,
                                              models.dtype(self.cell.dtype)),
         }
 
@@ -264,7 +266,7 @@ def prepare(cell: Cell) -> Prepared:
     precision = precision_for(cell, optimizer, device)
     closure, calls = make_closure(model, optimizer, workload, batch, phases, precision)
     return Prepared(cell, device, model, optimizer, averaged(closure, model, optimizer, rank), calls, phases, active,
-                    baseline, env, precision, cuda_memory=memory,
+                    baseline, env, workload, precision, cuda_memory=memory,
                     autocast_cache=autocast_cache_bytes(model, workload, precision, device), rank=rank)
 
 
@@ -279,8 +281,7 @@ def averaged(closure: Callable[[], torch.Tensor], model: torch.nn.Module, optimi
 
 def warmup_closure(prepared: Prepared) -> Callable[[], torch.Tensor]:
     """The closure warm-up steps drive: the measured one, or the same loss on the first ``warmup_batch`` examples."""
-    cell = prepared.cell
-    workload = workloads.get(cell.workload)
+    cell, workload = prepared.cell, prepared.workload
     if cell.warmup_batch is None or cell.warmup_batch >= workload.batch_size:
         return prepared.closure
     small = dataclasses.replace(workload, batch_size=cell.warmup_batch)
