@@ -7,7 +7,9 @@ import dataclasses
 import importlib.util
 import io
 import json
+import math
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -136,6 +138,57 @@ def test_adam_mini_splits_by_name_and_needs_the_config_for_heads() -> None:
     assert optimizer.state[q["params"][0]]["vmean"].numel() == model.config.num_attention_heads
     with pytest.raises(UsageError, match="needs the model's config"):
         optim.create("adam-mini", optim.decay_groups(model.named_parameters()))
+
+
+def test_adam_mini_keeps_adams_second_moment_for_embeddings_unless_told_per_token() -> None:
+    for embeddings, per_element in (("adam", True), ("token", False)):
+        model, optimizer = tiny_step("adam-mini", embeddings=embeddings)
+        embedding = model.get_input_embeddings().weight
+        v = optimizer.state[embedding].get("v", optimizer.state[embedding].get("vmean"))
+        assert v.numel() == (embedding.numel() if per_element else embedding.shape[0]), embeddings
+        assert optimizer.defaults["embeddings"] == embeddings
+    with pytest.raises(ValueError, match="invalid embeddings: 'row'"):
+        tiny_step("adam-mini", embeddings="row")
+
+
+@pytest.mark.parametrize("embeddings", ["adam", "token"])
+def test_adam_mini_on_named_blocks_takes_the_papers_steps_in_float64(embeddings: str) -> None:
+    # block -> (shape, rows its second moments average over: the embedding per element or per token, the MLP per
+    # output neuron, the query per head of hidden 4 / 2 heads = 8 elements, the norm whole)
+    blocks = {"model.embed_tokens.weight": (6, 4), "model.layers.0.mlp.fc1.weight": (5, 4),
+              "model.layers.0.self_attn.q_proj.weight": (4, 4), "model.norm.weight": (4,)}
+    rows = {"model.embed_tokens.weight": (-1, 1) if embeddings == "adam" else (6, 4),
+            "model.layers.0.mlp.fc1.weight": (5, 4), "model.layers.0.self_attn.q_proj.weight": (2, 8),
+            "model.norm.weight": (1, 4)}
+    lr, (b1, b2), eps, decay = 0.05, (0.8, 0.9), 1e-8, 0.1
+    generator = torch.Generator().manual_seed(0)
+    start = {name: torch.randn(shape, dtype=torch.float64, generator=generator) for name, shape in blocks.items()}
+    params = {name: torch.nn.Parameter(t.clone()) for name, t in start.items()}
+    config = types.SimpleNamespace(hidden_size=4, num_attention_heads=2)
+    optimizer = optim.create("adam-mini", list(params.items()), lr=lr, betas=(b1, b2), eps=eps, weight_decay=decay,
+                             embeddings=embeddings, config=config)
+    want, m, v = dict(start), {n: torch.zeros(s, dtype=torch.float64) for n, s in blocks.items()}, {}
+    for t in range(1, 4):
+        optimizer.zero_grad()
+        sum((torch.sin(3 * p) + p**2).sum() for p in params.values()).backward()
+        optimizer.step()
+        for name, theta in want.items():
+            g = 3 * torch.cos(3 * theta) + 2 * theta
+            m[name] = b1 * m[name] + (1 - b1) * g
+            v[name] = b2 * v.get(name, 0.0) + (1 - b2) * (g**2).reshape(rows[name]).mean(dim=1, keepdim=True)
+            h = v[name].sqrt() / math.sqrt(1 - b2**t) + eps
+            theta = theta * (1 - lr * (0.0 if "norm" in name else decay))
+            want[name] = theta - (lr / (1 - b1**t) * m[name].reshape(rows[name]) / h).reshape(theta.shape)
+    for name, param in params.items():
+        torch.testing.assert_close(param.detach(), want[name], rtol=1e-12, atol=1e-12, msg=name)
+
+
+def test_the_estimator_counts_adam_minis_state_as_the_package_keeps_it() -> None:
+    # opt-125m: Adam's m everywhere, and Adam's v for the embeddings (31% of the parameters) and the biases
+    state = estimate.persistent_per_param("adam-mini", "float32", "pure", {}, "opt-125m").state / 4
+    assert state == pytest.approx(1.32, abs=0.01)
+    token = estimate.persistent_per_param("adam-mini", "float32", "pure", {"embeddings": "token"}, "opt-125m").state
+    assert token / 4 == pytest.approx(1.0, abs=0.01)
 
 
 def test_a_package_that_cannot_load_makes_an_error_record(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -50,9 +50,10 @@ def test_recorded_state_is_the_tables(name: str) -> None:
     assert record.status == "ok"
     assert record.forwards_per_step == forwards
     named = getattr(optim.get(name), "named_state_elements", None)
-    if named is not None:  # picked by name (GaLore's projected matrices): their elements, in float32
-        shapes = [(n, tuple(p.shape)) for n, p in models.build_meta("opt-tiny").named_parameters()]
-        assert record.breakdown["optimizer_state"] == 4 * named(shapes, {}) > 0
+    if named is not None:  # picked by name (GaLore's projected matrices, Adam-mini's blocks): their elements, in float32
+        meta = models.build_meta("opt-tiny")
+        shapes = [(n, tuple(p.shape)) for n, p in meta.named_parameters()]
+        assert record.breakdown["optimizer_state"] == 4 * named(shapes, {}, meta.config) > 0
         return
     if name == "adamw-8bit":
         shapes = [tuple(p.shape) for p in models.build_meta("opt-tiny").parameters()]

@@ -75,10 +75,11 @@ def persistent_per_param(optimizer: str, dtype: str, precision: Precision,
     copies = float(getattr(cls, "state_copies", 0.0))
     elements = getattr(cls, "state_elements", None)
     named = getattr(cls, "named_state_elements", None)
-    trained = [] if model is None else [(n, p) for n, p in meta_model(model, tuning).named_parameters()
-                                        if p.requires_grad]
-    if model is not None and named is not None:
-        copies = named([(name, tuple(p.shape)) for name, p in trained], hparams or {}) / shape(model, tuning).trainable
+    meta = None if model is None else meta_model(model, tuning)
+    trained = [] if meta is None else [(n, p) for n, p in meta.named_parameters() if p.requires_grad]
+    if meta is not None and named is not None:
+        named_shapes = [(name, tuple(p.shape)) for name, p in trained]
+        copies = named(named_shapes, hparams or {}, meta.config) / shape(model, tuning).trainable
     elif elements is not None and model is not None:
         copies = elements([tuple(p.shape) for _, p in trained], hparams or {}) / shape(model, tuning).trainable
     gradients = 0.0 if optim.forward_only(cls) or optim.fused_backward(cls) else weights

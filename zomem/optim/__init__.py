@@ -6,7 +6,8 @@ Built-ins are registered here; third-party optimizers register through the entry
 to run the closure under no_grad without backward (zeroth-order methods), otherwise it calls backward;
 ``state_copies`` says how many copies of the trainable parameters its persistent state holds (a method whose state is
 sized by factors instead, LOZO-M's or SubZero's, gives ``state_elements(shapes, hparams)``: its elements for
-parameters of those shapes; one that picks parameters by name, GaLore's, ``named_state_elements``). ``fused_backward =
+parameters of those shapes; one that picks parameters by name, GaLore's or Adam-mini's, ``named_state_elements(named
+shapes, hparams, config)``). ``fused_backward =
 True`` says the update runs inside backward (LOMO's), ``takes_config = True`` that the class is built with the model's
 transformers config as ``config`` (Adam-mini's), and ``load_package(hparams)`` imports a package it wraps.
 """

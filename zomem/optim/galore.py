@@ -98,7 +98,8 @@ class GaLore(PackageOptimizer):
                     state["projector"].ortho_matrix = matrix
 
     @staticmethod
-    def named_state_elements(named_shapes: list[tuple[str, tuple[int, ...]]], hparams: dict[str, Any]) -> int:
+    def named_state_elements(named_shapes: list[tuple[str, tuple[int, ...]]], hparams: dict[str, Any],
+                             config: Any = None) -> int:
         """Per projected matrix (m×n, rank r' = min(r, m, n)): its projector and two rank-r' moments; two moments of
         every other tensor (read by the estimator). The projectors of the ``std`` rule (the default)."""
         rank = hparams.get("rank", 128)
