@@ -16,7 +16,9 @@ import pytest
 from processes import gone, measuring_child
 from zomem import fit, records, report, sweep
 from zomem.cell import Cell
+from zomem.cli import fit as fit_cli
 from zomem.cli import main as cli
+from zomem.cli import run as run_cli
 from zomem.errors import UsageError
 from zomem.measure import record_for
 from zomem.records import Record
@@ -171,6 +173,20 @@ def test_a_report_into_a_place_that_cannot_be_written_is_refused_before_any_cell
     assert cli([*REPORT, "--out", str(blocker / "report")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "cannot write into" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [
+    ["run", "--model", "opt-tiny", "--optimizer", "mezo", "--workload", "sst2", "--device", "cpu", "--out"],
+    ["fit", "--measure", "--models", "opt-tiny", "--optimizer", "mezo", "--device", "cpu", "--budget", "1GiB",
+     "--records"]], ids=["run", "fit"])
+def test_records_into_a_folder_are_refused_before_any_cell_runs(
+        command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    for module in (run_cli, fit_cli):
+        monkeypatch.setattr(module, "run_cell", lambda *args, **kwargs: pytest.fail("a cell ran"))
+    assert cli([*command, str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot append records to" in err and "Is a directory" in err
 
 
 def test_a_second_sweep_into_a_folder_in_use_is_refused_naming_the_holder(

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from zomem.errors import UsageError
+
 SCHEMA = 1
 Status = Literal["ok", "oom", "error"]
 
@@ -124,6 +126,17 @@ def method_label(optimizer: str, checkpointing: bool, ranks: int = 1, strategy: 
     when it ran as several ranks (or under a strategy)."""
     label = f"{optimizer} + checkpointing" if checkpointing else optimizer
     return f"{label} [{strategy} x{ranks}]" if strategy is not None else label
+
+
+def check_appendable(path: Path, option: str = "--out") -> None:
+    """Create ``path``'s folder and open the file for appending, or raise :class:`UsageError` saying why: before a cell
+    is measured, not after."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+    except OSError as exc:
+        raise UsageError(f"cannot append records to {path}: {exc.strerror or exc}; {option} takes a file that can be "
+                         "written") from exc
 
 
 def append(path: str | Path, record: Record) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tabulate import tabulate
 
-from zomem import fit, hardware, models, strategies, sweep
+from zomem import fit, hardware, models, records, strategies, sweep
 from zomem.cell import resolve_device
 from zomem.cli.options import positive_int
 from zomem.errors import UsageError
@@ -81,6 +81,9 @@ def compute(args: argparse.Namespace) -> list[Fit]:
     templates = [fit.template(args.models[0], o, args.workload, args.dtype, args.precision, device,
                               checkpointing=args.checkpointing, ranks=args.ranks, strategy=args.strategy, **steps)
                  for o in args.optimizer]
+    records.check_appendable(args.records, "--records")
+    if args.out is not None:
+        records.check_appendable(args.out)
     run = functools.partial(run_cell, out=args.records)
     if device == "cpu":
         if args.budget is None:

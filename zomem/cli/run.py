@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from zomem import records
 from zomem.cell import Cell
 from zomem.cli.options import add_cell_options
 from zomem.hardware import MIB
@@ -42,6 +43,7 @@ def main(args: argparse.Namespace) -> int:
     cell = Cell(model=args.model, optimizer=args.optimizer, workload=args.workload, tuning=args.tuning,
                 dtype=args.dtype, precision=args.precision, device=args.device, steps=args.steps, warmup=args.warmup,
                 hparams=dict(args.hparam), checkpointing=args.checkpointing, ranks=args.ranks, strategy=args.strategy)
+    records.check_appendable(args.out)
     record = run_cell(cell, out=args.out, timeout=args.timeout)
     print(f"{summary(record)} -> {args.out}")
     return 0 if record.status == "ok" else 1
