@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fakes import FakeCuda, FakeNvml, fake_cuda
-from zomem import estimate, measure, models, optim, probes, sweep, timeline_report, timelines, workloads
+from zomem import estimate, measure, models, optim, probes, records, sweep, timeline_report, timelines, workloads
 from zomem.cell import Cell
 from zomem.cli import main as cli
 from zomem.harness import run_cell
@@ -195,14 +195,14 @@ def test_timelines_are_written_as_they_arrive_and_reused_when_resuming(
     monkeypatch.setattr(sweep, "run_cell", child)
     out = tmp_path / "memory_timeline.json"
     cells = sweep.plan(["opt-tiny"], ["mezo", "adam"], ["sst2"], sweep.Settings(device="cpu"))
-    found, failed = sweep.run_timelines(cells, out)
+    found, failed = sweep.Tracking(cells, out).finish()
     assert [t.optimizer for t in found] == ran == ["mezo", "adam"] and not failed
     assert [t.snapshot for t in found] == ["memory_snapshot_mezo.pickle", "memory_snapshot_adam.pickle"]
     assert all((tmp_path / t.snapshot).read_bytes() == b"snapshot" for t in found)
     assert [t.optimizer for t in timelines.read(out)] == ["mezo", "adam"]
     assert sweep.snapshot_name("my_optim:ClippedZO") == "memory_snapshot_my_optim_ClippedZO.pickle"
     ran.clear()
-    again, _ = sweep.run_timelines(cells, out, resume=True)
+    again, _ = sweep.Tracking(cells, out, resume=True).finish()
     assert ran == [] and [t.optimizer for t in again] == ["mezo", "adam"]
 
 
@@ -278,7 +278,7 @@ def test_opt125m_adam_peak_is_the_estimators_tensor_prediction(tmp_path: Path) -
 
 
 def test_timeline_and_report_commands_write_the_figure_table_and_series(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "timeline"
     assert cli(["timeline", "--model", "opt-tiny", "--optimizers", "mezo", "adam", "--workload", "sst2",
                 "--device", "cpu", "--out", str(out)]) == 0
@@ -289,9 +289,22 @@ def test_timeline_and_report_commands_write_the_figure_table_and_series(
     report = tmp_path / "report"
     args = ["report", "--models", "opt-tiny", "--optimizers", "inference", "mezo", "--workloads", "sst2",
             "--device", "cpu", "--hardware", "1xA100-80GB", "--out", str(report), "--timeline"]
+    children: list[tuple[str, bool]] = []
+    real = sweep.run_cell
+    monkeypatch.setattr(sweep, "run_cell", lambda cell, **options: children.append(
+        (cell.optimizer, cell.timeline)) or real(cell, **options))
     assert cli(args) == 0
+    # each cell measured once: the child that measures a tracked cell tracks its step too
+    assert children == [("inference", True), ("mezo", True)]
+    assert [r.optimizer for r in records.read(report / "records.jsonl")] == ["inference", "mezo"]
     index = (report / "index.md").read_text()
     assert "](memory_timeline.png)" in index and "](memory_timeline.json)" in index and "| mezo " in index
     first = (report / "memory_timeline.json").read_text()
     assert cli([*args, "--resume"]) == 0
     assert (report / "memory_timeline.json").read_text() == first  # reused, not tracked again
+    (report / "memory_timeline.json").unlink()
+    children.clear()
+    assert cli([*args, "--resume"]) == 0  # the records are kept; the steps are tracked in children of their own
+    assert children == [("inference", True), ("mezo", True)]
+    assert len(records.read(report / "records.jsonl")) == 2
+    assert [t.optimizer for t in timelines.read(report / "memory_timeline.json")] == ["inference", "mezo"]

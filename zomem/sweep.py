@@ -2,8 +2,8 @@
 
 Records are appended as each cell finishes, so Ctrl-C (or SIGTERM) loses only the cells in flight; a resumed sweep
 reuses every record that matches a planned cell and runs the rest. A report folder has one writer at a time. Several
-cells can run at once, each pinned to GPUs of its own. Memory timelines are tracked one cell at a time, and kept as they
-arrive.
+cells can run at once, each pinned to GPUs of its own. A cell whose memory timeline is tracked tracks it in the child that
+measures it, and the timelines are kept as they arrive.
 """
 
 from __future__ import annotations
@@ -272,32 +272,66 @@ def snapshot_name(optimizer: str) -> str:
     return "memory_snapshot_" + re.sub(r"[^A-Za-z0-9._-]", "_", optimizer) + ".pickle"
 
 
-def run_timelines(cells: Sequence[Cell], out: Path, *, resume: bool = False,
-                  timeout: float | None = None) -> tuple[list[Timeline], list[Record]]:
-    """Track one step of every cell, each in its own child after its measured steps; the timelines, in plan order,
-    are rewritten to ``out`` as each arrives (reused from it when resuming), each CUDA snapshot kept beside it.
-    Returns the timelines and the records of the cells that did not run ok (they have none)."""
-    previous = timelines.read(out) if resume and out.exists() else []
-    found: dict[int, Timeline] = {}
-    for i, cell in enumerate(cells):
-        match = next((t for t in previous if timeline_matches(t, cell)), None)
-        if match is not None:
-            found[i] = match
-    failed: list[Record] = []
-    todo = [i for i in range(len(cells)) if i not in found]
-    with tqdm(todo, desc="timelines", unit="cell", initial=len(found), total=len(cells), dynamic_ncols=True) as bar:
-        for i in bar:
-            cell = dataclasses.replace(cells[i], timeline=True)
-            bar.set_postfix_str(f"{cell.model} {cell.optimizer} {cell.workload}", refresh=True)
-            with tempfile.TemporaryDirectory(prefix="zomem-timeline-") as side:
-                record = run_cell(cell, timeout=timeout, side_dir=Path(side))
-                if record.status != "ok":
-                    failed.append(record)
-                    continue
-                timeline = Timeline.load(Path(side, TIMELINE_FILE))
-                if timeline.snapshot is not None:
-                    timeline.snapshot = snapshot_name(cell.optimizer)
-                    shutil.move(Path(side, SNAPSHOT_FILE), out.parent / timeline.snapshot)
-            found[i] = timeline
-            timelines.write(out, [found[k] for k in sorted(found)])
-    return [found[i] for i in sorted(found)], failed
+class Tracking:
+    """The memory timelines a sweep tracks: one more step of each of ``cells`` after its measured ones, in the child
+    that measures the cell when the sweep runs it (through :meth:`launch`), in a child of its own otherwise
+    (:meth:`finish`). The timelines, in plan order, are rewritten to ``out`` as each arrives, and reused from it when
+    resuming."""
+
+    def __init__(self, cells: Sequence[Cell], out: Path, *, resume: bool = False) -> None:
+        self.cells, self.out = list(cells), out
+        previous = timelines.read(out) if resume and out.exists() else []
+        self.found: dict[int, Timeline] = {}
+        for i, cell in enumerate(self.cells):
+            match = next((t for t in previous if timeline_matches(t, cell)), None)
+            if match is not None:
+                self.found[i] = match
+        #: the records of tracked cells that did not run ok (they have no timeline)
+        self.failed: list[Record] = []
+        self._tried: set[int] = set(self.found)
+        self._lock = threading.Lock()
+
+    def launch(self, launch: Launch | None = None) -> Launch:
+        """``launch`` (default: the harness's ``run_cell``) that also tracks the step of a cell this sweep tracks, in
+        the child that measures it: the cell is not measured twice."""
+
+        def run(cell: Cell, **options: Any) -> Record:
+            with self._lock:
+                i = next((i for i, c in enumerate(self.cells) if c == cell and i not in self._tried), None)
+                if i is not None:
+                    self._tried.add(i)
+            if i is None:
+                return (launch or run_cell)(cell, **options)
+            return self._track(i, launch or run_cell, **options)
+
+        return run
+
+    def finish(self, timeout: float | None = None) -> tuple[list[Timeline], list[Record]]:
+        """Track the cells no sweep has tracked yet, each in a child of its own. Returns the timelines, in plan order,
+        and the records of the cells that did not run ok."""
+        todo = [i for i in range(len(self.cells)) if i not in self._tried]
+        with tqdm(todo, desc="timelines", unit="cell", initial=len(self.cells) - len(todo), total=len(self.cells),
+                  dynamic_ncols=True) as bar:
+            for i in bar:
+                bar.set_postfix_str(f"{self.cells[i].model} {self.cells[i].optimizer} {self.cells[i].workload}",
+                                    refresh=True)
+                self._tried.add(i)
+                self._track(i, run_cell, timeout=timeout)
+        return [self.found[i] for i in sorted(self.found)], self.failed
+
+    def _track(self, i: int, launch: Launch, **options: Any) -> Record:
+        cell = dataclasses.replace(self.cells[i], timeline=True)
+        with tempfile.TemporaryDirectory(prefix="zomem-timeline-") as side:
+            record = launch(cell, side_dir=Path(side), **options)
+            if record.status != "ok":
+                with self._lock:
+                    self.failed.append(record)
+                return record
+            timeline = Timeline.load(Path(side, TIMELINE_FILE))
+            if timeline.snapshot is not None:
+                timeline.snapshot = snapshot_name(cell.optimizer)
+                shutil.move(Path(side, SNAPSHOT_FILE), self.out.parent / timeline.snapshot)
+        with self._lock:
+            self.found[i] = timeline
+            timelines.write(self.out, [self.found[k] for k in sorted(self.found)])
+        return record

@@ -168,27 +168,29 @@ def plan(args: argparse.Namespace) -> Planned:
     return Planned(chosen, optimizers, rows, cells, tracked, jobs, gpus)
 
 
-def measure(args: argparse.Namespace, planned: Planned) -> tuple[list[Record], int]:
-    """Measure the planned cells missing from the folder's records: every planned cell's record, and how many were
-    measured now."""
+def measure(args: argparse.Namespace, planned: Planned,
+            launch: sweep.Launch | None = None) -> tuple[list[Record], int]:
+    """Measure the planned cells missing from the folder's records, each through ``launch`` (default: the harness's):
+    every planned cell's record, and how many were measured now."""
     records_path = args.out / "records.jsonl"
     before = len(records.read(records_path)) if records_path.exists() else 0
     measured = sweep.run(planned.cells, records_path, resume=args.resume, timeout=planned.settings.timeout,
-                         jobs=planned.jobs, gpus=planned.gpus)
+                         jobs=planned.jobs, gpus=planned.gpus, launch=launch)
     return measured, len(records.read(records_path)) - before
 
 
 def measure_and_write(args: argparse.Namespace, planned: Planned, started: float) -> int:
     """Measure the cells missing from the folder's records (and the tracked cells' timelines), then write its tables,
     figures and index."""
-    measured, measured_now = measure(args, planned)
+    from zomem import timeline_report
+
+    # a tracked cell's step is tracked by the child that measures it, or after the sweep when it was measured before
+    tracking = sweep.Tracking(planned.tracked, args.out / f"{timeline_report.NAME}.json", resume=args.resume)
+    measured, measured_now = measure(args, planned, tracking.launch())
     sections = [] if args.shard is None else [report.shard_section(*args.shard)]
     written: list[Path] = []
     if planned.tracked:
-        from zomem import timeline_report
-
-        found, failed = sweep.run_timelines(planned.tracked, args.out / f"{timeline_report.NAME}.json",
-                                            resume=args.resume, timeout=planned.settings.timeout)
+        found, failed = tracking.finish(planned.settings.timeout)
         for record in failed:
             print(f"zomem report: no timeline for {record.optimizer}: {record.status}: {record.error_line}",
                   file=sys.stderr)

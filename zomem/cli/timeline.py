@@ -36,8 +36,7 @@ def main(args: argparse.Namespace) -> int:
     chosen = settings(args)
     cells = sweep.plan([args.model], args.optimizers, [args.workload], chosen)
     with sweep.locked(args.out):
-        found, failed = sweep.run_timelines(cells, args.out / f"{timeline_report.NAME}.json",
-                                            timeout=chosen.timeout)
+        found, failed = sweep.Tracking(cells, args.out / f"{timeline_report.NAME}.json").finish(chosen.timeout)
         for record in failed:
             print(f"zomem timeline: {record.optimizer}: {record.status}: {record.error_line}", file=sys.stderr)
         if not found:
