@@ -1,9 +1,10 @@
 """The parent side of a cell: run it in a fresh child process and turn any outcome into a record.
 
 The parent never initialises CUDA; the child owns the device for exactly one cell. Children are forked from a fork
-server that imported torch, transformers and zomem once and built nothing: a cell starts in a tenth of a second
-instead of the seconds those imports take, in a process that has held no model and no CUDA context. A cell run as
-several ranks (:mod:`zomem.ranks`) is that many children, which end together: when one fails, the others are killed.
+server that imported torch, transformers, the registered architectures and zomem once and built nothing: a cell
+starts in a tenth of a second instead of the seconds those imports take, in a process that has held no model and no
+CUDA context. A cell run as several ranks (:mod:`zomem.ranks`) is that many children, which end together: when one
+fails, the others are killed.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from multiprocessing import forkserver
 from pathlib import Path
 
 import zomem
-from zomem import ranks, records, strategies
+from zomem import models, ranks, records, strategies
 from zomem.cell import Cell
 from zomem.measure import STDERR_TAIL, child, record_for
 from zomem.probes import WARNING
@@ -54,7 +55,7 @@ def _child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 #: what the fork server imports before it forks any child
-PRELOAD = ["torch", "transformers", "zomem.measure"]
+PRELOAD = ["torch", "transformers", "zomem.measure", *models.modeling_modules()]
 #: the name of every measuring child
 CELL_PROCESS = "zomem-cell"
 #: Held to start, reap or kill a child, one thread at a time (a sweep of several jobs runs cells from several threads):

@@ -25,7 +25,8 @@ from zomem.registry import Registry
 
 __all__ = ["DTYPES", "FAMILIES", "INIT_SEED", "LADDER", "LORA_SETTINGS", "MODELS", "PREFIX_TOKENS", "TEST_LADDER",
            "TUNINGS", "ModelSpec", "apply_tuning", "balanced_map", "build", "build_meta", "decoder_layers",
-           "dtype", "enable_checkpointing", "fill", "ladder", "load_tuning", "materialise", "param_bytes", "param_count", "spec"]
+           "dtype", "enable_checkpointing", "fill", "ladder", "load_tuning", "materialise", "modeling_modules",
+           "param_bytes", "param_count", "spec"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -48,6 +49,13 @@ def spec(name: str) -> ModelSpec:
     if name not in MODELS and local.looks_like_path(name):
         return local.load(name)
     return MODELS.get(name)
+
+
+def modeling_modules() -> list[str]:
+    """The transformers modules that define the registered models' architectures: a fork server imports them once,
+    so that no measuring child spends its first half second doing so."""
+    types = {MODELS.get(name).model_type for name in MODELS.names()}
+    return sorted(f"transformers.models.{t}.modeling_{t}" for t in types)
 
 
 def ladder(family: str) -> tuple[str, ...]:
