@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import json
 import os
@@ -129,11 +130,19 @@ def method_label(optimizer: str, checkpointing: bool, ranks: int = 1, strategy: 
 
 
 def check_appendable(path: Path, option: str = "--out") -> None:
-    """Create ``path``'s folder and open the file for appending, or raise :class:`UsageError` saying why: before a cell
-    is measured, not after."""
+    """Raise :class:`UsageError` saying why records could not be appended to ``path`` (a folder, a file that cannot be
+    written, a place where no folder can be made), before a cell is measured rather than after; creates nothing."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR))
+        if path.exists():
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+            return
+        parent = next(p for p in path.parents if p.exists())
+        if not parent.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
     except OSError as exc:
         raise UsageError(f"cannot append records to {path}: {exc.strerror or exc}; {option} takes a file that can be "
                          "written") from exc
