@@ -55,8 +55,10 @@ def test_killed_child_is_recorded_as_oom(tmp_path: Path, faults: None) -> None:
     assert record.status == "oom" and "SIGKILL" in record.error
 
 
-def test_timeout_is_an_error_record() -> None:
-    record = run_cell(Cell("opt-tiny", "mezo", "sst2", device="cpu"), timeout=0.5)
+def test_timeout_is_an_error_record(tmp_path: Path, faults: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a step that sleeps: an opt-tiny cell itself may finish inside any timeout short enough for a test
+    monkeypatch.setenv("ZOMEM_FAULT_MARK", str(tmp_path / "in-flight"))
+    record = run_cell(Cell("opt-tiny", "zomem_faults:Sleeps", "sst2", device="cpu"), timeout=2)
     assert record.status == "error" and "timed out" in record.error
 
 
