@@ -274,7 +274,6 @@ def test_opt125m_adam_peak_is_the_estimators_tensor_prediction(tmp_path: Path) -
     predicted = estimate.estimate("opt-125m", "adam", "sst2", "float32", device="cpu",
                                   calibration=estimate.Calibration.load("cpu").tensors_only()).worst.total
     assert t.peak().bytes == pytest.approx(predicted, rel=0.05)
-    assert t.peak().bytes <= t.process_peak()
 
 
 def test_timeline_and_report_commands_write_the_figure_table_and_series(
